@@ -1,0 +1,179 @@
+"""The `vdev` command: one subcommand per device, found through entry points.
+
+Every device registers a `DeviceCommand` in the ``vdev.devices`` entry-point
+group (see ``pyproject.toml``), so a third party's device appears in
+``vdev --help`` exactly as ours do.  A command turns argv into a validated,
+frozen config (`configure`), and only then is anything created: a bad value
+ends the program with one line naming it, before any socket exists.
+
+Options every device gets, after the spec's "Backend program conventions":
+``--socket PATH`` (alias ``--socket-path``), ``--fd N`` (an inherited
+listening socket), ``--client`` (connect to a VMM that listens),
+``--print-capabilities`` and ``--log-level``.
+"""
+
+from __future__ import annotations
+
+import abc
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any, ClassVar, NoReturn
+
+from . import __version__
+from .device import Device, serve
+
+log = logging.getLogger("vdev")
+
+ENTRY_POINT_GROUP = "vdev.devices"
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """Where to serve: the common part of every device's config."""
+
+    socket: str | None
+    fd: int | None
+    client: bool
+
+
+class DeviceCommand(abc.ABC):
+    """What a device contributes to the command line."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    #: The device type for --print-capabilities (spec "Backend program conventions").
+    capability_type: ClassVar[str]
+    #: A QEMU command line that attaches the device, shown in --help.
+    qemu_example: ClassVar[str] = ""
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """Add the device's own options."""
+
+    @abc.abstractmethod
+    def configure(self, args: argparse.Namespace) -> Any:
+        """Validate ``args`` into a frozen config.  Raise ValueError naming the bad value."""
+
+    @abc.abstractmethod
+    async def create(self, config: Any) -> Device:
+        """Build the device (open files, connect storage)."""
+
+    def capabilities(self) -> dict[str, Any]:
+        return {"type": self.capability_type, "features": []}
+
+    async def serve(self, device: Device, config: Any, where: ServeOptions) -> None:
+        """Serve the device; a command may override this to run more (a control socket)."""
+        await serve(device, where.socket, client=where.client, listen_fd=where.fd)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, naming the value; the usage is a --help away.
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def load_commands() -> dict[str, DeviceCommand]:
+    commands: dict[str, DeviceCommand] = {}
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        try:
+            cls = ep.load()
+            commands[ep.name] = cls()
+        except Exception as exc:   # a broken plug-in must not take the others down
+            print(f"vdev: warning: cannot load device {ep.name!r}: {exc}", file=sys.stderr)
+    return commands
+
+
+def build_parser(commands: dict[str, DeviceCommand]) -> argparse.ArgumentParser:
+    parser = _Parser(prog="vdev", description="Standalone virtio device back ends over vhost-user.")
+    parser.add_argument("--version", action="version", version=f"vdev {__version__}")
+    sub = parser.add_subparsers(dest="device", metavar="DEVICE", title="devices")
+    for name, cmd in commands.items():
+        epilog = f"QEMU example:\n  {cmd.qemu_example}" if cmd.qemu_example else None
+        p = sub.add_parser(name, help=cmd.summary, description=cmd.summary, epilog=epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.error = _Parser.error.__get__(p)  # type: ignore[method-assign]
+        common = p.add_argument_group("vhost-user")
+        common.add_argument("--socket", "--socket-path", dest="socket", metavar="PATH",
+                            help="vhost-user Unix socket (listened on, or connected to with --client)")
+        common.add_argument("--fd", type=int, metavar="N", help="inherited listening socket fd")
+        common.add_argument("--client", action="store_true",
+                            help="connect to PATH (a VMM started with server=on) instead of listening")
+        common.add_argument("--print-capabilities", action="store_true",
+                            help="print the back end's capabilities as JSON and exit")
+        common.add_argument("--log-level", default="info",
+                            choices=["debug", "info", "warning", "error"], help="log verbosity")
+        cmd.add_arguments(p)
+    return parser
+
+
+def serve_options(args: argparse.Namespace) -> ServeOptions:
+    if (args.socket is None) == (args.fd is None):
+        raise ValueError("give exactly one of --socket PATH and --fd N")
+    if args.client and args.socket is None:
+        raise ValueError("--client needs --socket PATH")
+    if args.socket is not None:
+        parent = os.path.dirname(os.path.abspath(args.socket)) or "."
+        if not os.path.isdir(parent):
+            raise ValueError(f"--socket: directory {parent!r} does not exist")
+    if args.fd is not None and args.fd < 0:
+        raise ValueError(f"--fd: not a file descriptor: {args.fd}")
+    return ServeOptions(args.socket, args.fd, args.client)
+
+
+async def _run(cmd: DeviceCommand, config: Any, where: ServeOptions) -> None:
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    device = await cmd.create(config)
+    with contextlib.suppress(asyncio.CancelledError):
+        await cmd.serve(device, config, where)
+    log.info("%s: stopped", cmd.name)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    commands = load_commands()
+    parser = build_parser(commands)
+    args = parser.parse_args(argv)
+    if args.device is None:
+        parser.print_help()
+        return 2
+    cmd = commands[args.device]
+    prog = f"vdev {args.device}"
+    if args.print_capabilities:
+        print(json.dumps(cmd.capabilities()))
+        return 0
+    try:
+        where = serve_options(args)
+        config = cmd.configure(args)
+    except ValueError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvloop
+        runner = uvloop.run
+    except ImportError:     # uvloop is a dependency; this only keeps odd platforms working
+        runner = asyncio.run
+    try:
+        runner(_run(cmd, config, where))
+    except KeyboardInterrupt:
+        pass
+    except Exception as exc:
+        log.error("%s: %s", prog, exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,399 @@
+"""`Device`, the class a device implements, and the runtime that serves it.
+
+A device is a handful of members (compare libvhost-user's ``VuDevIface``):
+
+* ``device_id``, ``num_queues``, ``queue_size``;
+* ``features`` — device-specific feature bits (the framework adds
+  VERSION_1, INDIRECT_DESC and EVENT_IDX, which it implements itself);
+* ``config()`` — the config space bytes (optional);
+* ``async process_queue(vq)`` — take chains from a kicked queue and complete
+  them.
+
+A device never sees a vhost-user message, an fd or a memory table: the same
+device could sit behind another transport.  `DeviceRuntime` is the bridge: it
+implements the protocol handler's `BackendHooks` by mapping guest memory,
+building a `Queue` when a ring starts, watching kick eventfds on the event
+loop, calling ``process_queue`` (never twice at once for one queue) and
+signalling call eventfds.
+
+Errors: a `GuestError` from a queue fails that chain or breaks that queue; an
+exception escaping ``process_queue`` is a device bug, logged with its
+traceback, and the daemon keeps serving.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from typing import ClassVar
+
+from vhost_user.handler import BackendHooks, RegionFd, Vring
+from vhost_user.messages import MAX_CONFIG_SIZE, BackendReq, ConfigFlag, ProtocolFeature
+from vhost_user.server import VhostUserServer
+
+from .errors import GuestError, Unsupported
+from .memory import MemoryMap
+from .queue import DescriptorChain, Queue
+from .uapi.virtio import DeviceId, VirtioFeature
+
+log = logging.getLogger("vdev.device")
+
+#: Transport features the framework implements for every device.
+FRAMEWORK_FEATURES = (VirtioFeature.VERSION_1 | VirtioFeature.RING_INDIRECT_DESC
+                      | VirtioFeature.RING_EVENT_IDX)
+
+_EVENTFD_ONE = (1).to_bytes(8, "little")
+
+
+class VirtQueue:
+    """A started queue as a device sees it: chains in, completions out.
+
+    ``mem`` is the current guest-memory snapshot; a request that outlives a
+    memory-table change keeps using the snapshot it started with.
+    """
+
+    def __init__(self, runtime: DeviceRuntime, queue: Queue, mem: MemoryMap) -> None:
+        self.runtime = runtime
+        self.queue = queue
+        self.mem = mem
+        self.index = queue.index
+        self.stopped = False
+        self.in_pass = False
+        self.task: asyncio.Task[None] | None = None
+        self.rerun = False
+        self.completed = 0
+
+    def chains(self) -> Iterator[DescriptorChain]:
+        """Every available chain, with notifications handled per §2.7.10.
+
+        A malformed chain is logged and handed straight back to the driver
+        (used length 0), so the guest never loses a descriptor; a broken
+        queue ends the iteration.
+        """
+        for item in self.queue.iter_available(self.mem):
+            if isinstance(item, GuestError):
+                log.warning("%s: bad chain: %s", self.runtime.device.name, item)
+                if item.head is not None and self.queue.broken is None:
+                    self.complete(item.head, 0)
+                continue
+            yield item
+
+    def complete(self, chain: DescriptorChain | int, written: int) -> None:
+        """Return a chain to the driver with ``written`` bytes of device-written data.
+
+        Inside `process_queue` the interrupt is sent once at the end of the
+        pass; outside it (an asynchronous completion) right away, unless
+        EVENT_IDX says the driver does not want one.
+        """
+        head = chain if isinstance(chain, int) else chain.head
+        if self.stopped:
+            # The ring was stopped (GET_VRING_BASE) or the device reset: the
+            # front-end owns the rings now and nothing may be written.
+            log.warning("%s: completion for head %d on stopped queue %d dropped",
+                        self.runtime.device.name, head, self.index)
+            return
+        self.queue.add_used(self.mem, head, written)
+        self.completed += 1
+        if not self.in_pass:
+            self.notify_if_needed()
+
+    def notify_if_needed(self) -> None:
+        if self.stopped or self.queue.num_added == 0:
+            return
+        try:
+            needed = self.queue.needs_notification(self.mem)
+        except GuestError as exc:
+            log.warning("%s: %s", self.runtime.device.name, exc)
+            needed = True
+        if needed:
+            self.runtime.signal(self.index)
+
+
+class Device(abc.ABC):
+    """Base class of every device.  Subclasses set the class attributes and
+    implement `process_queue`; everything else has a default."""
+
+    device_id: ClassVar[int]
+    name: ClassVar[str] = "device"
+
+    def __init__(self, *, num_queues: int = 1, queue_size: int = 256) -> None:
+        if not 1 <= num_queues <= 256:
+            raise ValueError(f"num_queues must be 1..256, got {num_queues}")
+        if queue_size <= 0 or queue_size & (queue_size - 1) or queue_size > 32768:
+            raise ValueError(f"queue size must be a power of 2 up to 32768, got {queue_size}")
+        self.num_queues = num_queues
+        self.queue_size = queue_size
+        self.acked_features = 0
+        self.runtime: DeviceRuntime | None = None
+
+    @property
+    def features(self) -> int:
+        """Device-specific feature bits offered to the driver."""
+        return 0
+
+    @property
+    def has_config(self) -> bool:
+        return False
+
+    def config(self) -> bytes:
+        """The device's config space (little-endian, as the driver sees it)."""
+        return b""
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        """The driver wrote config space.  Raises Unsupported by default."""
+        raise Unsupported("config write", f"{self.name} config space is read-only")
+
+    def set_features(self, features: int) -> None:
+        """The driver accepted ``features`` (device and transport bits)."""
+        self.acked_features = features
+
+    @abc.abstractmethod
+    async def process_queue(self, vq: VirtQueue) -> None:
+        """Handle the chains of a kicked queue (iterate ``vq.chains()``)."""
+
+    async def drain(self, index: int | None) -> None:
+        """Wait until no request of queue ``index`` (None: any) is in flight."""
+
+    def reset(self) -> None:
+        """Back to the initial state (RESET_DEVICE or front-end gone)."""
+        self.acked_features = 0
+
+    async def aclose(self) -> None:
+        """Release everything; always releases, even on error."""
+
+    async def notify_config_change(self) -> bool:
+        """Tell the driver the config space changed (CONFIG_CHANGE_MSG).
+
+        Returns False (and logs why) when no front-end with a back-end
+        channel is connected.
+        """
+        if self.runtime is None:
+            return False
+        return await self.runtime.notify_config_change()
+
+
+class DeviceRuntime(BackendHooks):
+    """Runs a `Device` under the vhost-user handler (implements `BackendHooks`)."""
+
+    def __init__(self, device: Device) -> None:
+        self.device = device
+        device.runtime = self
+        self.mem = MemoryMap.empty()
+        self.queues: dict[int, VirtQueue] = {}
+        self.enabled: set[int] = set()
+        self.call_fds: dict[int, int] = {}
+        self.kick_fds: dict[int, int] = {}
+        self.server: object = None     # set by serve(); has backend_request()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- static description ------------------------------------------------------
+
+    @property
+    def features(self) -> int:
+        return int(FRAMEWORK_FEATURES) | self.device.features
+
+    @property
+    def protocol_features(self) -> ProtocolFeature:
+        return ProtocolFeature.CONFIG if self.device.has_config else ProtocolFeature(0)
+
+    @property
+    def num_queues(self) -> int:
+        return self.device.num_queues
+
+    @property
+    def max_queue_size(self) -> int:
+        return self.device.queue_size
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    # -- hooks ----------------------------------------------------------------------
+
+    def set_features(self, features: int) -> None:
+        self.device.set_features(features)
+
+    def set_memory(self, regions: Sequence[RegionFd]) -> None:
+        old = self.mem
+        new = MemoryMap.from_fds([(r.region, r.fd) for r in regions], previous=old)
+        self.mem = new
+        for vq in self.queues.values():
+            vq.mem = new
+        old.release_unused(new)
+
+    def start_vring(self, vring: Vring) -> None:
+        assert vring.addr is not None
+        acked = self.device.acked_features
+        mem = self.mem
+        try:
+            desc = mem.frontend_to_guest(vring.addr.desc)
+            avail = mem.frontend_to_guest(vring.addr.avail)
+            used = mem.frontend_to_guest(vring.addr.used)
+        except GuestError as exc:
+            raise exc.at(queue=vring.index)
+        queue = Queue(vring.num, desc, avail, used, index=vring.index, next_avail=vring.base,
+                      event_idx=bool(acked & VirtioFeature.RING_EVENT_IDX),
+                      indirect=bool(acked & VirtioFeature.RING_INDIRECT_DESC))
+        queue.check_layout(mem)
+        # spec: the used index is not sent; the device resumes from the ring itself.
+        queue.next_used = queue.used_idx(mem)
+        vq = VirtQueue(self, queue, mem)
+        self.queues[vring.index] = vq
+        if vring.kick_fd is not None:
+            self._watch_kick(vring.index, vring.kick_fd)
+        log.info("%s: queue %d started (size %d, avail %d, used %d%s)", self.device.name,
+                 vring.index, vring.num, queue.next_avail, queue.next_used,
+                 ", event idx" if queue.event_idx else "")
+        # Buffers may already be waiting (a reconnect, or a kick before we watched).
+        self.schedule(vring.index)
+
+    def stop_vring(self, index: int) -> int:
+        vq = self.queues.pop(index, None)
+        self._unwatch_kick(index)
+        if vq is None:
+            return 0
+        vq.stopped = True
+        if vq.task is not None and not vq.task.done():
+            vq.task.cancel()
+        log.info("%s: queue %d stopped at avail %d", self.device.name, index, vq.queue.next_avail)
+        return vq.queue.next_avail
+
+    def set_vring_enabled(self, index: int, enabled: bool) -> None:
+        if enabled:
+            self.enabled.add(index)
+            self.schedule(index)
+        else:
+            self.enabled.discard(index)
+
+    def set_vring_call(self, index: int, fd: int | None) -> None:
+        if fd is None:
+            self.call_fds.pop(index, None)
+        else:
+            self.call_fds[index] = fd
+
+    def set_vring_kick(self, index: int, fd: int | None) -> None:
+        self._unwatch_kick(index)
+        if fd is not None:
+            self._watch_kick(index, fd)
+        self.schedule(index)
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        if not self.device.has_config:
+            raise Unsupported("GET_CONFIG", f"{self.device.name} has no config space")
+        # The front-end asks for the size of *its* struct, which may be longer
+        # than the fields this device fills in: the rest reads as zero.
+        cfg = self.device.config().ljust(MAX_CONFIG_SIZE, b"\0")
+        return cfg[offset: offset + size]
+
+    def set_config(self, offset: int, data: bytes, flags: ConfigFlag) -> None:
+        self.device.write_config(offset, data)
+
+    def reset(self) -> None:
+        for index in list(self.queues):
+            self.stop_vring(index)
+        self.enabled.clear()
+        self.call_fds.clear()
+        self.device.reset()
+
+    # -- kicks and calls ---------------------------------------------------------------
+
+    def _watch_kick(self, index: int, fd: int) -> None:
+        os.set_blocking(fd, False)
+        self.kick_fds[index] = fd
+        self.loop.add_reader(fd, self._on_kick, index, fd)
+
+    def _unwatch_kick(self, index: int) -> None:
+        fd = self.kick_fds.pop(index, None)
+        if fd is not None:
+            self.loop.remove_reader(fd)
+
+    def _on_kick(self, index: int, fd: int) -> None:
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            os.read(fd, 8)
+        self.schedule(index)
+
+    def signal(self, index: int) -> None:
+        """Interrupt the driver for queue ``index`` (write its call eventfd)."""
+        fd = self.call_fds.get(index)
+        if fd is None:
+            return
+        try:
+            os.write(fd, _EVENTFD_ONE)
+        except BlockingIOError:
+            pass   # counter saturated: the driver has an interrupt pending anyway
+        except OSError as exc:
+            log.warning("%s: call fd of queue %d failed: %s", self.device.name, index, exc)
+
+    # -- running the device ----------------------------------------------------------------
+
+    def schedule(self, index: int) -> None:
+        """Run ``process_queue`` for a queue, or mark it to run again if it is running."""
+        vq = self.queues.get(index)
+        if vq is None or index not in self.enabled:
+            return
+        if vq.task is not None and not vq.task.done():
+            vq.rerun = True
+            return
+        vq.task = self.loop.create_task(self._run_queue(vq))
+
+    async def _run_queue(self, vq: VirtQueue) -> None:
+        while True:
+            vq.rerun = False
+            if vq.stopped or vq.index not in self.enabled:
+                return
+            vq.in_pass = True
+            try:
+                await self.device.process_queue(vq)
+            except GuestError as exc:
+                log.warning("%s: queue %d: %s", self.device.name, vq.index, exc)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("%s: process_queue(%d) failed; the daemon goes on",
+                              self.device.name, vq.index)
+            finally:
+                vq.in_pass = False
+            vq.notify_if_needed()
+            if not vq.rerun:
+                return
+
+    async def drain(self, index: int | None) -> None:
+        """Wait for queue processing and the device's in-flight requests to finish."""
+        targets = [vq for i, vq in self.queues.items() if index is None or i == index]
+        for vq in targets:
+            while vq.task is not None and not vq.task.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(vq.task)
+        await self.device.drain(index)
+
+    async def notify_config_change(self) -> bool:
+        server = self.server
+        if server is None:
+            return False
+        try:
+            await server.backend_request(BackendReq.CONFIG_CHANGE_MSG)  # type: ignore[attr-defined]
+        except Unsupported as exc:
+            log.warning("%s: cannot signal a config change: %s", self.device.name, exc)
+            return False
+        return True
+
+
+async def serve(device: Device, path: str | None = None, *, client: bool = False,
+                listen_fd: int | None = None) -> None:
+    """Serve ``device`` over vhost-user until cancelled (one front-end at a time)."""
+    runtime = DeviceRuntime(device)
+    server = VhostUserServer(runtime, path, client=client, listen_fd=listen_fd)
+    runtime.server = server
+    try:
+        await server.serve_forever()
+    finally:
+        await device.aclose()
+
+
+__all__ = ["Device", "DeviceId", "DeviceRuntime", "FRAMEWORK_FEATURES", "VirtQueue", "serve"]

@@ -1,0 +1,203 @@
+"""Guest memory: read and write it, never manage it.
+
+The front-end shares guest RAM as file descriptors (memfd, hugetlbfs) with a
+table of regions.  `MemoryMap` maps each region once (``mmap`` of
+``mmap_offset + size`` bytes from file offset 0, as libvhost-user does, which
+keeps huge-page alignment) and is then **immutable**: a memory-table change
+builds a new map and swaps it in whole, while requests in flight keep the
+snapshot they started with (their memoryviews keep the old mappings alive).
+
+Two kinds of address, kept apart by name:
+
+* `GuestAddr` — guest-physical, what descriptors carry.
+* `FrontendAddr` — the VMM's own virtual address, what SET_VRING_ADDR
+  carries; `MemoryMap.frontend_to_guest` converts it (``userspace_addr``).
+
+Every access is bounds-checked against the region table and raises
+`GuestError` naming the address; a buffer that crosses from one region into an
+adjacent one is returned as several memoryviews (`buffers`), and `view` —
+used for rings and headers that must be contiguous — refuses it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import mmap
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NewType, Protocol, runtime_checkable
+
+from vhost_user.messages import MemoryRegion
+
+from .errors import GuestError
+
+GuestAddr = NewType("GuestAddr", int)
+FrontendAddr = NewType("FrontendAddr", int)
+
+
+@runtime_checkable
+class GuestMemory(Protocol):
+    """What queues and devices need from guest memory."""
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A writable view of ``length`` contiguous bytes at ``gpa`` (one region)."""
+
+    def buffers(self, gpa: int, length: int) -> list[memoryview]:
+        """Views covering ``[gpa, gpa+length)``, split at region boundaries."""
+
+    def read(self, gpa: int, length: int) -> bytes: ...
+
+    def write(self, gpa: int, data: bytes | memoryview) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class MappedRegion:
+    """One region: guest-physical range, front-end address and its bytes."""
+
+    gpa: int
+    size: int
+    frontend_addr: int
+    data: memoryview          # exactly ``size`` bytes, writable
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+
+class RegionTable:
+    """Bounds-checked translation over sorted, non-overlapping regions.
+
+    Shared by the mmap-backed `MemoryMap` and the bytearray-backed
+    `vdev.testing.FakeGuestMemory`, so both check addresses the same way.
+    """
+
+    def __init__(self, regions: Sequence[MappedRegion]) -> None:
+        self.regions: tuple[MappedRegion, ...] = tuple(sorted(regions, key=lambda r: r.gpa))
+        self._starts = [r.gpa for r in self.regions]
+        for a, b in zip(self.regions, self.regions[1:]):
+            if b.gpa < a.end:
+                raise GuestError("memory regions overlap", gpa=b.gpa)
+
+    def _region(self, gpa: int, length: int) -> MappedRegion:
+        i = bisect.bisect_right(self._starts, gpa) - 1
+        if i < 0 or gpa >= self.regions[i].end:
+            raise GuestError("address outside guest memory", gpa=gpa, length=length)
+        return self.regions[i]
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        if length < 0 or gpa < 0:
+            raise GuestError("negative address or length", gpa=gpa, length=length)
+        r = self._region(gpa, length)
+        off = gpa - r.gpa
+        if off + length > r.size:
+            raise GuestError("range crosses the end of a memory region", gpa=gpa, length=length)
+        return r.data[off: off + length]
+
+    def buffers(self, gpa: int, length: int) -> list[memoryview]:
+        if length < 0 or gpa < 0:
+            raise GuestError("negative address or length", gpa=gpa, length=length)
+        out: list[memoryview] = []
+        addr, left = gpa, length
+        while left > 0:
+            try:
+                r = self._region(addr, left)
+            except GuestError:
+                raise GuestError("buffer runs outside guest memory", gpa=gpa, length=length) from None
+            off = addr - r.gpa
+            n = min(left, r.size - off)
+            out.append(r.data[off: off + n])
+            addr += n
+            left -= n
+        return out
+
+    def check(self, gpa: int, length: int) -> None:
+        """Raise GuestError unless ``[gpa, gpa+length)`` is all guest memory."""
+        addr, left = gpa, length
+        if gpa < 0 or length < 0:
+            raise GuestError("negative address or length", gpa=gpa, length=length)
+        while left > 0:
+            try:
+                r = self._region(addr, left)
+            except GuestError:
+                raise GuestError("buffer runs outside guest memory", gpa=gpa, length=length) from None
+            n = min(left, r.end - addr)
+            addr += n
+            left -= n
+
+    def read(self, gpa: int, length: int) -> bytes:
+        return b"".join(bytes(v) for v in self.buffers(gpa, length))
+
+    def write(self, gpa: int, data: bytes | memoryview) -> None:
+        src = memoryview(data).cast("B")
+        pos = 0
+        for v in self.buffers(gpa, len(src)):
+            v[:] = src[pos: pos + len(v)]
+            pos += len(v)
+
+    def frontend_to_guest(self, addr: int, length: int = 1) -> GuestAddr:
+        """Translate a front-end virtual address (ring addresses) to guest-physical."""
+        for r in self.regions:
+            if r.frontend_addr <= addr and addr + length <= r.frontend_addr + r.size:
+                return GuestAddr(r.gpa + (addr - r.frontend_addr))
+        raise GuestError("front-end address not in any memory region", gpa=addr, length=length)
+
+    @property
+    def total_size(self) -> int:
+        return sum(r.size for r in self.regions)
+
+
+class MemoryMap(RegionTable):
+    """Guest memory mapped from the front-end's fds; an immutable snapshot."""
+
+    def __init__(self, regions: Sequence[MappedRegion], maps: dict[tuple[int, ...], mmap.mmap]) -> None:
+        super().__init__(regions)
+        self._maps = maps
+
+    @classmethod
+    def empty(cls) -> MemoryMap:
+        return cls([], {})
+
+    @classmethod
+    def from_fds(cls, regions: Sequence[tuple[MemoryRegion, int]],
+                 previous: MemoryMap | None = None) -> MemoryMap:
+        """Map every region; regions unchanged since ``previous`` reuse its mapping.
+
+        Raises:
+            OSError: mmap failed (bad fd, size beyond the file).
+            GuestError: regions overlap.
+        """
+        old = previous._maps if previous is not None else {}
+        maps: dict[tuple[int, ...], mmap.mmap] = {}
+        mapped: list[MappedRegion] = []
+        for region, fd in regions:
+            key = (region.guest_phys_addr, region.memory_size, region.userspace_addr,
+                   region.mmap_offset)
+            mm = old.get(key)
+            if mm is None:
+                mm = mmap.mmap(fd, region.mmap_offset + region.memory_size, mmap.MAP_SHARED,
+                               mmap.PROT_READ | mmap.PROT_WRITE)
+            maps[key] = mm
+            view = memoryview(mm)[region.mmap_offset: region.mmap_offset + region.memory_size]
+            mapped.append(MappedRegion(region.guest_phys_addr, region.memory_size,
+                                       region.userspace_addr, view))
+        return cls(mapped, maps)
+
+    def release_unused(self, current: MemoryMap | None) -> None:
+        """Unmap mappings of this (old) snapshot that ``current`` does not reuse.
+
+        A mapping still exported to an in-flight request cannot be closed yet
+        (BufferError); it is then left to the garbage collector, which unmaps
+        it once the last view is gone.
+        """
+        keep = set(map(id, current._maps.values())) if current is not None else set()
+        for key, mm in self._maps.items():
+            if id(mm) not in keep:
+                for region in self.regions:
+                    if region.gpa == key[0]:
+                        region.data.release()
+        for mm in self._maps.values():
+            if id(mm) not in keep:
+                with contextlib.suppress(BufferError):
+                    mm.close()
+        self._maps = {}

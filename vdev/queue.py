@@ -1,0 +1,410 @@
+"""The split virtqueue (virtio 1.2 §2.7), device side: plain state, memory passed in.
+
+`Queue` holds what the device must remember about one ring — its size, the
+three ring addresses, ``next_avail``, ``next_used``, whether EVENT_IDX and
+indirect descriptors were negotiated — and nothing else: no fds, no loop, no
+memory.  Every method that touches the rings takes the `GuestMemory` to use,
+so one memory snapshot is used consistently for a batch of work and a
+memory-table change never leaves a queue holding a stale mapping.
+
+`pop` walks one descriptor chain and checks it completely before a device
+sees it:
+
+* every buffer must lie inside guest memory;
+* a chain may not be longer than the queue (an indirect table: than its own
+  entries) — this is what stops a looping chain (§2.7.5.3.1, §2.7.4.2);
+* all device-readable descriptors come before all device-writable ones
+  (§2.7.4.2 "The driver MUST place any device-writable descriptor elements
+  after any device-readable descriptor elements");
+* INDIRECT only when negotiated, never nested, never together with NEXT, a
+  table length that is a non-zero multiple of 16 (§2.7.5.3.1).
+
+A bad chain raises `GuestError` with queue, head and address.  The avail
+entry has been consumed by then, so the caller returns the head to the used
+ring (with length 0) and the guest gets its descriptor back; only a head
+index that is itself out of range, or an avail index that jumped by more
+than the queue size, leaves the queue `broken`, because nothing valid can be
+written back for it.
+
+Memory ordering: the device reads ``avail.idx`` before the ring entries it
+covers, and writes used elements before ``used.idx``.  CPython performs the
+loads and stores in program order and x86 keeps load-load and store-store
+order, so those two need no fence.  The one store→load pair that x86 may
+reorder — publishing ``avail_event`` / clearing NO_NOTIFY and then re-reading
+``avail.idx`` (§2.7.10) — goes through `full_fence()`.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from .errors import GuestError
+from .memory import GuestMemory
+from .uapi.virtio import (
+    DESC_SIZE,
+    USED_ELEM_SIZE,
+    VIRTQ_AVAIL_F_NO_INTERRUPT,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    VIRTQ_USED_F_NO_NOTIFY,
+)
+
+_U16 = struct.Struct("<H")
+_DESC = struct.Struct("<QIHH")
+_USED_ELEM = struct.Struct("<II")
+
+_fence_lock = threading.Lock()
+
+
+def full_fence() -> None:
+    """A full memory barrier: taking a lock executes a locked (serialising) instruction."""
+    with _fence_lock:
+        pass
+
+
+@dataclass(frozen=True, slots=True)
+class Descriptor:
+    """One buffer of a chain: guest-physical address, length, and whether the device writes it."""
+
+    addr: int
+    len: int
+    flags: int
+
+    @property
+    def is_write(self) -> bool:
+        return bool(self.flags & VIRTQ_DESC_F_WRITE)
+
+
+@dataclass(slots=True)
+class DescriptorChain:
+    """A checked chain: readable descriptors first, then writable ones (indirect tables expanded)."""
+
+    queue: int
+    head: int
+    readable: list[Descriptor] = field(default_factory=list)
+    writable: list[Descriptor] = field(default_factory=list)
+
+    @property
+    def readable_len(self) -> int:
+        return sum(d.len for d in self.readable)
+
+    @property
+    def writable_len(self) -> int:
+        return sum(d.len for d in self.writable)
+
+    def reader(self, mem: GuestMemory) -> Reader:
+        return Reader(mem, self.readable)
+
+    def writer(self, mem: GuestMemory) -> Writer:
+        return Writer(mem, self.writable)
+
+
+class _Cursor:
+    """Walks a list of descriptors as one byte stream."""
+
+    def __init__(self, mem: GuestMemory, descs: list[Descriptor]) -> None:
+        self.mem = mem
+        self._descs = descs
+        self._i = 0
+        self._off = 0
+        self.available = sum(d.len for d in descs)
+
+    def views(self, length: int) -> list[memoryview]:
+        """Views of the next ``length`` bytes, advancing the cursor."""
+        if length > self.available:
+            raise GuestError(f"chain too short: need {length} bytes, {self.available} left")
+        out: list[memoryview] = []
+        left = length
+        while left > 0:
+            d = self._descs[self._i]
+            n = min(left, d.len - self._off)
+            if n > 0:
+                out.extend(self.mem.buffers(d.addr + self._off, n))
+            self._off += n
+            left -= n
+            if self._off == d.len:
+                self._i += 1
+                self._off = 0
+        self.available -= length
+        return out
+
+    def rest(self) -> list[memoryview]:
+        return self.views(self.available)
+
+
+class Reader(_Cursor):
+    """Reads the device-readable part of a chain as one stream."""
+
+    def read(self, length: int) -> bytes:
+        return b"".join(bytes(v) for v in self.views(length))
+
+    def read_struct(self, st: struct.Struct) -> tuple[int, ...]:
+        return st.unpack(self.read(st.size))
+
+
+class Writer(_Cursor):
+    """Writes into the device-writable part of a chain; counts what was written."""
+
+    def __init__(self, mem: GuestMemory, descs: list[Descriptor]) -> None:
+        super().__init__(mem, descs)
+        self.written = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        src = memoryview(data).cast("B")
+        pos = 0
+        for v in self.views(len(src)):
+            v[:] = src[pos: pos + len(v)]
+            pos += len(v)
+        self.written += len(src)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueState:
+    """The serialisable part of a queue (for GET_VRING_BASE and reconnection)."""
+
+    size: int
+    desc: int
+    avail: int
+    used: int
+    next_avail: int
+    next_used: int
+    event_idx: bool
+    indirect: bool
+
+
+class Queue:
+    """Device-side state of one split virtqueue."""
+
+    def __init__(self, size: int, desc: int, avail: int, used: int, *, index: int = 0,
+                 next_avail: int = 0, next_used: int = 0, event_idx: bool = False,
+                 indirect: bool = True) -> None:
+        if size <= 0 or size & (size - 1) or size > 32768:
+            raise ValueError(f"queue size must be a power of 2 up to 32768, got {size}")
+        self.index = index
+        self.size = size
+        self.desc = desc
+        self.avail = avail
+        self.used = used
+        self.next_avail = next_avail & 0xFFFF
+        self.next_used = next_used & 0xFFFF
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self.num_added = 0        # used entries added since the last needs_notification()
+        self.broken: GuestError | None = None
+
+    # -- layout ----------------------------------------------------------------
+
+    @property
+    def avail_size(self) -> int:
+        return 4 + 2 * self.size + 2       # flags, idx, ring[], used_event
+
+    @property
+    def used_size(self) -> int:
+        return 4 + USED_ELEM_SIZE * self.size + 2   # flags, idx, ring[], avail_event
+
+    def check_layout(self, mem: GuestMemory) -> None:
+        """Raise GuestError unless all three rings lie in guest memory (each contiguous)."""
+        for name, addr, size in (("descriptor table", self.desc, DESC_SIZE * self.size),
+                                 ("avail ring", self.avail, self.avail_size),
+                                 ("used ring", self.used, self.used_size)):
+            try:
+                mem.view(addr, size)
+            except GuestError as exc:
+                raise GuestError(f"{name} outside guest memory", queue=self.index, gpa=addr,
+                                 length=size) from exc
+
+    def state(self) -> QueueState:
+        return QueueState(self.size, self.desc, self.avail, self.used, self.next_avail,
+                          self.next_used, self.event_idx, self.indirect)
+
+    # -- ring fields -------------------------------------------------------------
+
+    def _u16(self, mem: GuestMemory, gpa: int) -> int:
+        return _U16.unpack(mem.view(gpa, 2))[0]
+
+    def _put_u16(self, mem: GuestMemory, gpa: int, value: int) -> None:
+        _U16.pack_into(mem.view(gpa, 2), 0, value & 0xFFFF)
+
+    def avail_idx(self, mem: GuestMemory) -> int:
+        return self._u16(mem, self.avail + 2)
+
+    def avail_flags(self, mem: GuestMemory) -> int:
+        return self._u16(mem, self.avail)
+
+    def used_event(self, mem: GuestMemory) -> int:
+        return self._u16(mem, self.avail + 4 + 2 * self.size)
+
+    def used_idx(self, mem: GuestMemory) -> int:
+        return self._u16(mem, self.used + 2)
+
+    def pending(self, mem: GuestMemory) -> int:
+        """How many chains the driver has made available that we have not popped.
+
+        Raises GuestError (and marks the queue broken) when avail.idx moved by
+        more than the queue size: the ring no longer means anything.
+        """
+        n = (self.avail_idx(mem) - self.next_avail) & 0xFFFF
+        if n > self.size:
+            self.broken = GuestError(f"avail index moved by {n}, more than the queue size {self.size}",
+                                     queue=self.index)
+            raise self.broken
+        return n
+
+    # -- popping ------------------------------------------------------------------
+
+    def pop(self, mem: GuestMemory) -> DescriptorChain | None:
+        """Take the next available chain, or None when the ring is empty.
+
+        Raises:
+            GuestError: the chain is malformed.  ``err.head`` is set and the
+            avail entry consumed: return the head with `add_used` (length 0).
+            If the queue itself is unusable, ``queue.broken`` is set and
+            ``err.head`` is None.
+        """
+        if self.broken is not None:
+            raise self.broken
+        if self.pending(mem) == 0:
+            return None
+        slot = self.avail + 4 + 2 * (self.next_avail % self.size)
+        head = self._u16(mem, slot)
+        self.next_avail = (self.next_avail + 1) & 0xFFFF
+        if head >= self.size:
+            self.broken = GuestError(f"avail ring names descriptor {head}, queue size is {self.size}",
+                                     queue=self.index)
+            raise self.broken
+        chain = DescriptorChain(self.index, head)
+        try:
+            self._walk(mem, chain)
+        except GuestError as exc:
+            raise exc.at(queue=self.index, head=head)
+        return chain
+
+    def _read_desc(self, mem: GuestMemory, table: int, i: int) -> tuple[int, int, int, int]:
+        return _DESC.unpack(mem.view(table + DESC_SIZE * i, DESC_SIZE))
+
+    def _walk(self, mem: GuestMemory, chain: DescriptorChain) -> None:
+        table, table_len, i = self.desc, self.size, chain.head
+        in_indirect = False
+        budget = self.size        # descriptors we may still visit in this table
+        while True:
+            if budget == 0:
+                raise GuestError("descriptor chain longer than its table: a loop?", gpa=table)
+            budget -= 1
+            addr, length, flags, nxt = self._read_desc(mem, table, i)
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                if in_indirect:
+                    raise GuestError("indirect descriptor inside an indirect table", gpa=addr)
+                if not self.indirect:
+                    raise GuestError("indirect descriptor without VIRTIO_F_RING_INDIRECT_DESC", gpa=addr)
+                if flags & VIRTQ_DESC_F_NEXT:
+                    raise GuestError("descriptor has both INDIRECT and NEXT", gpa=addr)
+                if length == 0 or length % DESC_SIZE:
+                    raise GuestError("indirect table length is not a non-zero multiple of 16",
+                                     gpa=addr, length=length)
+                try:
+                    mem.view(addr, length)
+                except GuestError:
+                    raise GuestError("indirect table outside guest memory", gpa=addr,
+                                     length=length) from None
+                table, table_len, i = addr, length // DESC_SIZE, 0
+                budget = table_len
+                in_indirect = True
+                continue
+            try:
+                _check_range(mem, addr, length)
+            except GuestError:
+                raise GuestError("buffer outside guest memory", gpa=addr, length=length) from None
+            d = Descriptor(addr, length, flags)
+            if d.is_write:
+                chain.writable.append(d)
+            elif chain.writable:
+                raise GuestError("device-readable descriptor after a device-writable one", gpa=addr)
+            else:
+                chain.readable.append(d)
+            if not flags & VIRTQ_DESC_F_NEXT:
+                return
+            if nxt >= table_len:
+                raise GuestError(f"next index {nxt} beyond a table of {table_len}", gpa=addr)
+            i = nxt
+
+    # -- completing -----------------------------------------------------------------
+
+    def add_used(self, mem: GuestMemory, head: int, length: int) -> None:
+        """Put ``head`` on the used ring with ``length`` bytes written, then publish used.idx."""
+        if not 0 <= head < self.size:
+            raise ValueError(f"head {head} out of range for queue size {self.size}")
+        elem = self.used + 4 + USED_ELEM_SIZE * (self.next_used % self.size)
+        _USED_ELEM.pack_into(mem.view(elem, USED_ELEM_SIZE), 0, head, length)
+        # The element is stored before the index (store-store order holds on x86).
+        self.next_used = (self.next_used + 1) & 0xFFFF
+        self._put_u16(mem, self.used + 2, self.next_used)
+        self.num_added += 1
+
+    def needs_notification(self, mem: GuestMemory) -> bool:
+        """Whether to interrupt the driver for the entries added since the last call (§2.7.10)."""
+        full_fence()   # our used.idx store must be visible before we read the driver's used_event
+        added, self.num_added = self.num_added, 0
+        if self.event_idx:
+            new = self.next_used
+            old = (new - added) & 0xFFFF
+            event = self.used_event(mem)
+            # vring_need_event(): notify if event lies in [old, new).
+            return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+        return not self.avail_flags(mem) & VIRTQ_AVAIL_F_NO_INTERRUPT
+
+    def disable_notification(self, mem: GuestMemory) -> None:
+        """Ask the driver not to kick (a hint; with EVENT_IDX simply do not move avail_event)."""
+        if not self.event_idx:
+            flags = self._u16(mem, self.used)
+            self._put_u16(mem, self.used, flags | VIRTQ_USED_F_NO_NOTIFY)
+
+    def enable_notification(self, mem: GuestMemory) -> bool:
+        """Ask for kicks again; return True if chains arrived meanwhile (process them first)."""
+        if self.event_idx:
+            self._put_u16(mem, self.used + 4 + USED_ELEM_SIZE * self.size, self.next_avail)
+        else:
+            flags = self._u16(mem, self.used)
+            self._put_u16(mem, self.used, flags & ~VIRTQ_USED_F_NO_NOTIFY)
+        full_fence()   # §2.7.10: publish before re-reading avail.idx, or a kick can be missed
+        return self.pending(mem) > 0
+
+    def iter_available(self, mem: GuestMemory) -> Iterator[DescriptorChain | GuestError]:
+        """Drain the ring with notifications suppressed, the way §2.7.10 asks.
+
+        Yields each chain, or the GuestError of a malformed one (whose head the
+        caller returns).  Stops when the ring is empty *after* notifications
+        were re-enabled, so a chain made available in the window between the
+        last pop and the re-enable is not left waiting for a kick that never
+        comes.  Stops early if the queue breaks.
+        """
+        while True:
+            self.disable_notification(mem)
+            while True:
+                try:
+                    chain = self.pop(mem)
+                except GuestError as exc:
+                    yield exc
+                    if self.broken is not None:
+                        return
+                    continue
+                if chain is None:
+                    break
+                yield chain
+            try:
+                if not self.enable_notification(mem):
+                    return
+            except GuestError as exc:
+                yield exc
+                return
+
+
+def _check_range(mem: GuestMemory, gpa: int, length: int) -> None:
+    check = getattr(mem, "check", None)
+    if check is not None:
+        check(gpa, length)
+    else:
+        mem.buffers(gpa, length)

@@ -1,0 +1,1 @@
+"""Constants from the virtio specification, grouped by the header they come from."""

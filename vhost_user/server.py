@@ -1,0 +1,318 @@
+"""The asyncio adapter: the one module of the protocol package that does I/O.
+
+It reads the Unix socket with ``recvmsg`` (asyncio streams drop ancillary
+data, so SCM_RIGHTS needs the raw socket and ``loop.add_reader``), feeds the
+sans-IO `BackendSession`, hands each message to the `BackendHandler` and
+writes the reply.  Messages are handled strictly one after another, as the
+protocol requires.
+
+Before requests that must see a quiet device — GET_VRING_BASE (the reply
+promises that nothing more will be written to that ring), RESET_DEVICE and
+memory-table changes — it awaits ``hooks.drain()`` so in-flight requests
+complete first.  That is the only async step; the handler itself is
+synchronous.
+
+`VhostUserServer` listens on a path (the default, as qemu-storage-daemon
+does) or connects to one (``client=True``, for a VMM started with
+``server=on``).  One front-end at a time: when it goes, the device is reset
+and the next one may connect.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+import stat
+from collections.abc import Awaitable, Callable
+
+from .errors import ProtocolError, Unsupported
+from .handler import BackendHandler, BackendHooks
+from .messages import MAX_FDS, U64, BackendReq, FrontendReq, HeaderFlag
+from .session import NEED_DATA, BackendSession, Framer, InvalidMessage, Message, close_fds
+
+log = logging.getLogger("vhost_user.server")
+
+_RECV_SIZE = 65536
+_CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+#: Requests before which in-flight device work must finish.
+_DRAIN_BEFORE = {FrontendReq.GET_VRING_BASE, FrontendReq.RESET_DEVICE, FrontendReq.SET_MEM_TABLE,
+                 FrontendReq.REM_MEM_REG, FrontendReq.RESET_OWNER}
+#: How long to wait for the front-end's ack on the back-end channel.
+BACKEND_ACK_TIMEOUT = 5.0
+
+
+def recv_with_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """One ``recvmsg``: data and the fds that came with it (O_CLOEXEC)."""
+    data, ancdata, msg_flags, _addr = sock.recvmsg(_RECV_SIZE, _CMSG_SPACE, socket.MSG_CMSG_CLOEXEC)
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+            fds.extend(arr)
+    if msg_flags & socket.MSG_CTRUNC:
+        close_fds(fds)
+        raise ProtocolError("more fds attached than any request carries; message dropped",
+                            value=len(fds), fatal=True)
+    return data, fds
+
+
+def send_with_fds(sock: socket.socket, data: bytes, fds: tuple[int, ...] | list[int] = ()) -> None:
+    """Send a whole message; fds ride on its first byte."""
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+    sent = sock.sendmsg([data], anc)
+    if sent < len(data):   # replies are small; a partial send means a full socket buffer
+        sock.setblocking(True)
+        try:
+            sock.sendall(data[sent:])
+        finally:
+            sock.setblocking(False)
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    fut: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+    try:
+        await fut
+    finally:
+        loop.remove_reader(fd)
+
+
+class Connection:
+    """One front-end connection: read, dispatch, reply, until EOF or a fatal error."""
+
+    def __init__(self, sock: socket.socket, handler: BackendHandler) -> None:
+        self.sock = sock
+        self.handler = handler
+        self.session = BackendSession()
+        self._backend_lock = asyncio.Lock()
+        sock.setblocking(False)
+
+    async def run(self) -> None:
+        """Serve until the front-end disconnects; always resets the device at the end."""
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                event = self.session.next_event()
+                if event is NEED_DATA:
+                    await _readable(loop, self.sock.fileno())
+                    try:
+                        data, fds = recv_with_fds(self.sock)
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    except ConnectionResetError:
+                        data, fds = b"", []
+                    if not data:
+                        close_fds(fds)
+                        log.info("front-end disconnected")
+                        return
+                    self.session.receive_data(data, fds)
+                    continue
+                assert isinstance(event, (Message, InvalidMessage))
+                await self._dispatch(event)
+        except ProtocolError as exc:
+            log.error("dropping the connection: %s", exc)
+        finally:
+            await self._drain(None)
+            self.session.close()
+            self.handler.close()
+            self.sock.close()
+
+    async def _drain(self, index: int | None) -> None:
+        drain = getattr(self.handler.hooks, "drain", None)
+        if drain is not None:
+            await drain(index)
+
+    async def _dispatch(self, msg: Message | InvalidMessage) -> None:
+        if isinstance(msg, Message):
+            log.debug("<- %s %s fds=%s", msg.request.name, msg.payload, msg.fds)
+            if msg.request in _DRAIN_BEFORE:
+                index = getattr(msg.payload, "index", None)
+                await self._drain(index if msg.request is FrontendReq.GET_VRING_BASE else None)
+        reply = self.handler.handle(msg)
+        if reply is not None:
+            log.debug("-> reply %d bytes", len(reply.data))
+            send_with_fds(self.sock, reply.data, reply.fds)
+
+    async def backend_request(self, request: BackendReq, payload: bytes = b"") -> int | None:
+        """Send a back-end request (e.g. CONFIG_CHANGE_MSG); return the ack value if one was asked.
+
+        Raises:
+            Unsupported: no back-end channel was set up.
+            ProtocolError: the channel failed or the ack did not come in time.
+        """
+        async with self._backend_lock:
+            fd = self.handler.backend_fd
+            data, need_reply = self.handler.backend_request(request, payload)
+            assert fd is not None
+            chan = socket.socket(fileno=os.dup(fd))
+            chan.setblocking(False)
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.sock_sendall(chan, data)
+                if not need_reply:
+                    return None
+                framer = Framer()
+                async with asyncio.timeout(BACKEND_ACK_TIMEOUT):
+                    while True:
+                        raw = framer.next_raw()
+                        if raw is not NEED_DATA:
+                            break
+                        chunk = await loop.sock_recv(chan, 4096)
+                        if not chunk:
+                            raise ProtocolError("back-end channel closed before the ack",
+                                                request=request.name)
+                        framer.receive_data(chunk)
+                assert not isinstance(raw, type(NEED_DATA))
+                if raw.request != request or not raw.flags & HeaderFlag.REPLY or len(raw.data) != 8:
+                    raise ProtocolError("unexpected reply on the back-end channel",
+                                        request=request.name, value=(raw.request, raw.flags))
+                return U64.unpack(raw.data).value
+            except (OSError, TimeoutError) as exc:
+                raise ProtocolError(f"back-end channel failed: {exc!r}", request=request.name) from exc
+            finally:
+                chan.close()
+
+
+class VhostUserServer:
+    """Serve one `BackendHooks` device on a Unix socket, one front-end at a time.
+
+    ``path``: the socket path; ``client``: connect to ``path`` instead of
+    listening on it; ``listen_fd``: an inherited listening socket (the spec's
+    ``--fd`` convention).
+    """
+
+    def __init__(self, hooks: BackendHooks, path: str | None = None, *, client: bool = False,
+                 listen_fd: int | None = None,
+                 on_connection: Callable[[Connection | None], Awaitable[None] | None] | None = None,
+                 reconnect_delay: float = 0.2) -> None:
+        if (path is None) == (listen_fd is None):
+            raise ValueError("give exactly one of path and listen_fd")
+        if client and path is None:
+            raise ValueError("client mode needs a socket path")
+        self.hooks = hooks
+        self.path = path
+        self.client = client
+        self.listen_fd = listen_fd
+        self.reconnect_delay = reconnect_delay
+        self.connection: Connection | None = None
+        self._listener: socket.socket | None = None
+        self._on_connection = on_connection
+        self.ready = asyncio.Event()
+        self.connections_served = 0
+
+    def _listen(self) -> socket.socket:
+        if self.listen_fd is not None:
+            sock = socket.socket(fileno=self.listen_fd)
+        else:
+            assert self.path is not None
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                    os.unlink(self.path)   # a stale socket from an earlier run
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            sock.bind(self.path)
+            sock.listen(4)
+        sock.setblocking(False)
+        return sock
+
+    async def _connect(self) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        warned = False
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, self.path)
+                return sock
+            except OSError as exc:
+                sock.close()
+                if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN):
+                    raise
+                if not warned:
+                    log.info("waiting for a front-end to listen on %s", self.path)
+                    warned = True
+                await asyncio.sleep(self.reconnect_delay)
+
+    async def _serve_one(self, sock: socket.socket) -> None:
+        handler = BackendHandler(self.hooks)
+        self.connection = Connection(sock, handler)
+        await self._notify(self.connection)
+        try:
+            await self.connection.run()
+        finally:
+            self.connection = None
+            self.connections_served += 1
+            await self._notify(None)
+
+    async def _notify(self, conn: Connection | None) -> None:
+        if self._on_connection is not None:
+            result = self._on_connection(conn)
+            if result is not None:
+                await result
+
+    async def serve_forever(self) -> None:
+        """Accept (or connect to) front-ends until cancelled."""
+        loop = asyncio.get_running_loop()
+        if self.client:
+            self.ready.set()
+            while True:
+                sock = await self._connect()
+                log.info("connected to front-end at %s", self.path)
+                await self._serve_one(sock)
+                await asyncio.sleep(self.reconnect_delay)
+        self._listener = self._listen()
+        log.info("listening on %s", self.path or f"fd {self.listen_fd}")
+        self.ready.set()
+        try:
+            while True:
+                sock, _ = await loop.sock_accept(self._listener)
+                log.info("front-end connected")
+                serving = asyncio.ensure_future(self._serve_one(sock))
+                try:
+                    await self._refuse_others_until(serving)
+                except BaseException:
+                    serving.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await serving
+                    raise
+                await serving
+        finally:
+            self.close()
+
+    async def _refuse_others_until(self, serving: asyncio.Future[None]) -> None:
+        # Refuse a second front-end while one is served: two VMMs must never
+        # drive one device.
+        loop = asyncio.get_running_loop()
+        assert self._listener is not None
+        while not serving.done():
+            accept = asyncio.ensure_future(loop.sock_accept(self._listener))
+            try:
+                done, _ = await asyncio.wait({serving, accept}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not accept.done():
+                    accept.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await accept
+            if accept in done and not accept.cancelled():
+                extra, _ = accept.result()
+                log.warning("refusing a second front-end while one is connected")
+                extra.close()
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            if self.path and not self.client:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
+
+    async def backend_request(self, request: BackendReq, payload: bytes = b"") -> int | None:
+        """Send a back-end request on the current connection's channel."""
+        if self.connection is None:
+            raise Unsupported(request.name, "no front-end connected")
+        return await self.connection.backend_request(request, payload)
