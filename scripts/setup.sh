@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Everything vdev needs on a fresh Debian 12 machine (run as root): Debian
+# packages (QEMU 7.2 and the tools the guest image is built from), then a venv
+# with the package and its test extra.  Safe to run again; it only installs
+# what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PACKAGES=(qemu-system-x86 qemu-utils busybox-static fio socat iperf3 cpio nbdkit
+          python3 python3-venv python3-dev gcc libffi-dev xz-utils)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    echo "setup: installing ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+stamp=.venv/.vdev-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ]; then
+    .venv/bin/pip install -q --upgrade pip
+    .venv/bin/pip install -q -e '.[test]'
+    touch "$stamp"
+fi
