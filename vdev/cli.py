@@ -95,6 +95,13 @@ def build_parser(commands: dict[str, DeviceCommand]) -> argparse.ArgumentParser:
     parser = _Parser(prog="vdev", description="Standalone virtio device back ends over vhost-user.")
     parser.add_argument("--version", action="version", version=f"vdev {__version__}")
     sub = parser.add_subparsers(dest="device", metavar="DEVICE", title="devices")
+    ctl = sub.add_parser("ctl", help="send a command to a running daemon's --control socket",
+                         description="Send one JSON command to a daemon's control socket and print "
+                                     "the reply, e.g. `vdev ctl /tmp/blk.ctl swap backend=file:/b.img`.")
+    ctl.error = _Parser.error.__get__(ctl)  # type: ignore[method-assign]
+    ctl.add_argument("control", metavar="PATH", help="the daemon's --control socket")
+    ctl.add_argument("command", help="command name (blk: info, swap, resize)")
+    ctl.add_argument("params", nargs="*", metavar="KEY=VALUE", help="command parameters")
     for name, cmd in commands.items():
         epilog = f"QEMU example:\n  {cmd.qemu_example}" if cmd.qemu_example else None
         p = sub.add_parser(name, help=cmd.summary, description=cmd.summary, epilog=epilog,
@@ -140,6 +147,25 @@ async def _run(cmd: DeviceCommand, config: Any, where: ServeOptions) -> None:
     log.info("%s: stopped", cmd.name)
 
 
+def _ctl(args: argparse.Namespace) -> int:
+    from .control import control_request
+
+    request: dict[str, Any] = {"command": args.command}
+    for param in args.params:
+        key, sep, value = param.partition("=")
+        if not sep or not key:
+            print(f"vdev ctl: error: parameter {param!r} is not KEY=VALUE", file=sys.stderr)
+            return 2
+        request[key] = value
+    try:
+        reply = asyncio.run(control_request(args.control, request))
+    except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
+        print(f"vdev ctl: error: {args.control}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(reply, indent=2))
+    return 0 if reply.get("ok") else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     commands = load_commands()
     parser = build_parser(commands)
@@ -147,6 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.device is None:
         parser.print_help()
         return 2
+    if args.device == "ctl":
+        return _ctl(args)
     cmd = commands[args.device]
     prog = f"vdev {args.device}"
     if args.print_capabilities:

@@ -1,0 +1,129 @@
+"""virtio-blk back end: ``vdev blk`` (see README.md beside this file).
+
+The device (`device.BlkDevice`) is generic over a `Storage`
+(`storage.base`), chosen by URL: ``file:PATH``, ``mem:SIZE``, ``null:SIZE``,
+``nbd://HOST:PORT/EXPORT``, ``nbd+unix:///EXPORT?socket=PATH``.  The storage
+can be swapped under a running disk through the control socket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+from vdev.cli import DeviceCommand, ServeOptions
+from vdev.config import parse_int, parse_queue_size
+from vdev.control import ControlServer
+from vdev.device import Device, serve
+
+from .device import ID_BYTES, BlkDevice
+from .storage import open_storage, parse_storage_url
+
+QEMU_EXAMPLE = """\
+vdev blk --socket /tmp/vdev-blk.sock --backend file:/var/lib/images/disk.img --queues 2 &
+qemu-system-x86_64 -machine q35 -m 1G \\
+    -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \\
+    -chardev socket,id=blk0,path=/tmp/vdev-blk.sock \\
+    -device vhost-user-blk-pci,chardev=blk0,num-queues=2 \\
+    -kernel vmlinuz -initrd initrd.img -append console=ttyS0 -nographic"""
+
+
+@dataclass(frozen=True)
+class BlkConfig:
+    backend: str
+    read_only: bool
+    queues: int
+    queue_size: int
+    serial: str | None
+    control: str | None
+
+
+class BlkCommand(DeviceCommand):
+    name = "blk"
+    summary = "virtio-blk disk over swappable storage (vhost-user-blk)"
+    capability_type = "block"
+    qemu_example = QEMU_EXAMPLE
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("virtio-blk")
+        g.add_argument("--backend", required=True, metavar="URL",
+                       help="storage: file:PATH[?direct=on][&readonly=on], a bare path, mem:SIZE, "
+                            "null:SIZE, nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH")
+        g.add_argument("--read-only", action="store_true", help="offer a read-only disk (VIRTIO_BLK_F_RO)")
+        g.add_argument("--queues", default="1", metavar="N", help="request queues (1..64, default 1)")
+        g.add_argument("--queue-size", default="256", metavar="N",
+                       help="largest queue size (power of 2, 4..32768, default 256)")
+        g.add_argument("--serial", metavar="ID", help=f"GET_ID serial (up to {ID_BYTES} ASCII bytes)")
+        g.add_argument("--control", metavar="PATH",
+                       help="JSON control socket: info, swap (live storage swap), resize, pause, resume")
+
+    def configure(self, args: argparse.Namespace) -> BlkConfig:
+        parse_storage_url(args.backend)    # raises ValueError naming the bad part
+        queues = parse_int(args.queues, "--queues", lo=1, hi=64)
+        queue_size = parse_queue_size(args.queue_size)
+        if queue_size < 4:
+            raise ValueError(f"--queue-size: {queue_size} is too small for virtio-blk (min 4)")
+        if args.serial is not None:
+            if not args.serial.isascii() or len(args.serial) > ID_BYTES:
+                raise ValueError(f"--serial: {args.serial!r} is not at most {ID_BYTES} ASCII bytes")
+        return BlkConfig(args.backend, args.read_only, queues, queue_size, args.serial, args.control)
+
+    async def create(self, config: BlkConfig) -> Device:
+        storage = await open_storage(config.backend)
+        try:
+            return BlkDevice(storage, read_only=config.read_only, num_queues=config.queues,
+                             queue_size=config.queue_size, serial=config.serial)
+        except BaseException:
+            await storage.aclose()
+            raise
+
+    async def serve(self, device: Device, config: Any, where: ServeOptions) -> None:
+        assert isinstance(device, BlkDevice)
+        control = None
+        if config.control:
+            control = ControlServer(config.control, control_handlers(device))
+            await control.start()
+        try:
+            await serve(device, where.socket, client=where.client, listen_fd=where.fd)
+        finally:
+            if control is not None:
+                await control.close()
+
+
+def control_handlers(device: BlkDevice) -> dict[str, Any]:
+    """The blk control commands (documented in README.md)."""
+
+    async def info(request: dict[str, Any]) -> dict[str, Any]:
+        return device.info()
+
+    async def swap(request: dict[str, Any]) -> dict[str, Any]:
+        url = request.get("backend")
+        if not isinstance(url, str):
+            raise ValueError(f"swap needs a string 'backend', got {url!r}")
+        parse_storage_url(url)
+        new = await open_storage(url)
+        try:
+            old = await device.swap_storage(new)
+        except BaseException:
+            await new.aclose()
+            raise
+        with contextlib.suppress(Exception):
+            await asyncio.shield(old.aclose())
+        return {"previous": old.url, **device.info()}
+
+    async def resize(request: dict[str, Any]) -> dict[str, Any]:
+        await device.refresh_capacity()
+        return device.info()
+
+    async def pause(request: dict[str, Any]) -> dict[str, Any]:
+        await device.pause()
+        return device.info()
+
+    async def resume(request: dict[str, Any]) -> dict[str, Any]:
+        device.resume()
+        return device.info()
+
+    return {"info": info, "swap": swap, "resize": resize, "pause": pause, "resume": resume}

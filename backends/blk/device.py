@@ -1,0 +1,501 @@
+"""virtio-blk (virtio 1.2 §5.2) over a swappable `Storage`.
+
+A request goes through three steps, as in Firecracker's block device:
+
+1. `parse_request` — pure: reads the 16-byte header from the chain, finds
+   the data buffers and the status byte, and checks everything that can be
+   checked without storage (type, alignment, range against the capacity,
+   size limits, segment counts, read-only).  It does no I/O and raises
+   `RequestError` carrying the status to answer.
+2. `BlkDevice._execute` — the storage call, asynchronous, one task per
+   request so a queue keeps many requests in flight.
+3. completion — the status byte is written and the chain returned with the
+   number of bytes written into it (data plus the status byte).
+
+Every chain that has a writable byte gets a status, whatever failed: a
+malformed request is answered IOERR or UNSUPP and never reaches storage, a
+storage failure is answered IOERR (logged once per distinct cause), and the
+descriptor always goes back to the guest.
+
+The storage can be replaced while the disk runs (`swap_storage`): new
+requests wait, requests in flight finish on the old storage, the new one
+takes over, and a size change reaches the guest as a config-change
+interrupt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hashlib
+import logging
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+
+from vdev.device import Device, VirtQueue
+from vdev.errors import DeviceError, GuestError, Unsupported
+from vdev.queue import DescriptorChain
+from vdev.uapi.virtio import DeviceId
+
+from .storage.base import Storage
+
+log = logging.getLogger("backends.blk")
+
+SECTOR = 512
+HEADER = struct.Struct("<IIQ")          # type, ioprio (reserved), sector
+SEGMENT = struct.Struct("<QII")         # sector, num_sectors, flags
+ID_BYTES = 20
+
+
+class BlkFeature(enum.IntFlag):
+    """VIRTIO_BLK_F_* (virtio 1.2 §5.2.3) as masks."""
+
+    SIZE_MAX = 1 << 1
+    SEG_MAX = 1 << 2
+    GEOMETRY = 1 << 4
+    RO = 1 << 5
+    BLK_SIZE = 1 << 6
+    FLUSH = 1 << 9
+    TOPOLOGY = 1 << 10
+    CONFIG_WCE = 1 << 11
+    MQ = 1 << 12
+    DISCARD = 1 << 13
+    WRITE_ZEROES = 1 << 14
+
+
+class ReqType(enum.IntEnum):
+    IN = 0
+    OUT = 1
+    FLUSH = 4
+    GET_ID = 8
+    GET_LIFETIME = 10
+    DISCARD = 11
+    WRITE_ZEROES = 13
+    SECURE_ERASE = 14
+
+
+class Status(enum.IntEnum):
+    OK = 0
+    IOERR = 1
+    UNSUPP = 2
+
+
+WRITE_ZEROES_F_UNMAP = 1
+#: The legacy BARRIER flag in bit 31 of the type; masked off as QEMU does.
+TYPE_BARRIER = 1 << 31
+
+#: Largest single segment (config size_max), and the most segments per request.
+SIZE_MAX = 1 << 20
+#: Largest data transfer of one read or write request.
+MAX_TRANSFER = 32 << 20
+#: Sectors per discard/write-zeroes segment: keeps one segment's byte count below 4 GiB.
+MAX_DISCARD_SECTORS = (1 << 23) - 1
+MAX_DISCARD_SEG = 16
+MAX_WRITE_ZEROES_SECTORS = MAX_DISCARD_SECTORS
+MAX_WRITE_ZEROES_SEG = 16
+
+#: Config space layout (virtio 1.2 §5.2.4), up to write_zeroes_may_unmap + padding: 60 bytes.
+CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")
+WCE_OFFSET = 32
+
+
+class RequestError(Exception):
+    """A request that must be answered with ``status`` without touching storage.
+
+    ``status_view`` is where that status goes (set by `parse_request`).
+    """
+
+    def __init__(self, status: Status, reason: str) -> None:
+        self.status = status
+        self.reason = reason
+        self.status_view: memoryview | None = None
+        super().__init__(reason)
+
+
+@dataclass
+class BlkRequest:
+    """A parsed request: everything `_execute` needs, nothing it must still check."""
+
+    type: ReqType
+    sector: int
+    data: list[memoryview] = field(default_factory=list)   # IN: to fill, OUT: to write
+    segments: list[tuple[int, int, int]] = field(default_factory=list)   # DISCARD/WZ
+
+    @property
+    def data_len(self) -> int:
+        return sum(len(v) for v in self.data)
+
+
+@dataclass(frozen=True)
+class BlkLimits:
+    """What the device promises in config space; parse_request enforces it."""
+
+    capacity: int          # bytes
+    read_only: bool
+    seg_max: int
+    discard: bool
+    write_zeroes: bool
+
+
+def parse_request(chain: DescriptorChain, mem, limits: BlkLimits) -> tuple[BlkRequest, memoryview]:
+    """Parse ``chain`` into a request and the view of its status byte.
+
+    Raises:
+        GuestError: no writable byte for the status (the chain cannot be answered).
+        RequestError: the request is answered with the error's status.
+    """
+    writer = chain.writer(mem)
+    if writer.available < 1:
+        raise GuestError("virtio-blk request without a writable status byte", head=chain.head)
+    data_in = writer.views(writer.available - 1)
+    status = writer.views(1)[0]
+    try:
+        return _parse_body(chain, mem, limits, data_in), status
+    except RequestError as exc:
+        exc.status_view = status
+        raise
+
+
+def _parse_body(chain: DescriptorChain, mem, limits: BlkLimits,
+                data_in: list[memoryview]) -> BlkRequest:
+    reader = chain.reader(mem)
+    if reader.available < HEADER.size:
+        raise RequestError(Status.IOERR, f"request header is {reader.available} bytes, needs 16")
+    rtype, _ioprio, sector = reader.read_struct(HEADER)
+    rtype &= ~TYPE_BARRIER
+    try:
+        kind = ReqType(rtype)
+    except ValueError:
+        raise RequestError(Status.UNSUPP, f"unknown request type {rtype}") from None
+    in_len = sum(len(v) for v in data_in)
+
+    if kind in (ReqType.IN, ReqType.OUT):
+        if kind is ReqType.IN:
+            data, n = data_in, in_len
+        else:
+            if limits.read_only:
+                raise RequestError(Status.IOERR, f"write to a read-only disk at sector {sector}")
+            data = reader.rest()
+            n = sum(len(v) for v in data)
+        if n % SECTOR:
+            raise RequestError(Status.IOERR, f"{kind.name} length {n} is not a multiple of {SECTOR}")
+        if n > MAX_TRANSFER:
+            raise RequestError(Status.IOERR, f"{kind.name} of {n} bytes exceeds {MAX_TRANSFER}")
+        _check_range(sector, n // SECTOR, limits, kind)
+        return BlkRequest(kind, sector, data)
+    if kind is ReqType.FLUSH:
+        return BlkRequest(kind, 0)
+    if kind is ReqType.GET_ID:
+        return BlkRequest(kind, 0, data_in)
+    if kind in (ReqType.DISCARD, ReqType.WRITE_ZEROES):
+        enabled = limits.discard if kind is ReqType.DISCARD else limits.write_zeroes
+        if not enabled:
+            raise RequestError(Status.UNSUPP, f"{kind.name} not offered")
+        if limits.read_only:
+            raise RequestError(Status.IOERR, f"{kind.name} on a read-only disk")
+        raw = reader.read(reader.available)
+        max_seg = MAX_DISCARD_SEG if kind is ReqType.DISCARD else MAX_WRITE_ZEROES_SEG
+        if not raw or len(raw) % SEGMENT.size:
+            raise RequestError(Status.IOERR, f"{kind.name} payload of {len(raw)} bytes is not "
+                                             f"whole 16-byte segments")
+        if len(raw) // SEGMENT.size > max_seg:
+            raise RequestError(Status.IOERR, f"{kind.name} with {len(raw) // 16} segments, max {max_seg}")
+        segments = []
+        for off in range(0, len(raw), SEGMENT.size):
+            seg_sector, nsect, flags = SEGMENT.unpack_from(raw, off)
+            allowed = WRITE_ZEROES_F_UNMAP if kind is ReqType.WRITE_ZEROES else 0
+            if flags & ~allowed:
+                # spec §5.2.6.2: unknown flags (or UNMAP on a discard) → UNSUPP
+                raise RequestError(Status.UNSUPP, f"{kind.name} segment flags {flags:#x}")
+            if nsect > MAX_DISCARD_SECTORS:
+                raise RequestError(Status.IOERR, f"{kind.name} of {nsect} sectors exceeds "
+                                                 f"{MAX_DISCARD_SECTORS}")
+            _check_range(seg_sector, nsect, limits, kind)
+            segments.append((seg_sector, nsect, flags))
+        return BlkRequest(kind, 0, segments=segments)
+    raise RequestError(Status.UNSUPP, f"request type {kind.name} not supported")
+
+
+def _check_range(sector: int, nsect: int, limits: BlkLimits, kind: ReqType) -> None:
+    if (sector + nsect) * SECTOR > limits.capacity:
+        raise RequestError(Status.IOERR, f"{kind.name} of sectors {sector}+{nsect} beyond capacity "
+                                         f"{limits.capacity // SECTOR}")
+
+
+class BlkDevice(Device):
+    """The block device.  ``storage`` is any `Storage`; it can be swapped live."""
+
+    device_id = DeviceId.BLOCK
+    name = "blk"
+
+    def __init__(self, storage: Storage, *, read_only: bool = False, num_queues: int = 1,
+                 queue_size: int = 256, serial: str | None = None) -> None:
+        super().__init__(num_queues=num_queues, queue_size=queue_size)
+        self.storage = storage
+        self.read_only = read_only or storage.read_only
+        self.capacity = storage.size // SECTOR * SECTOR
+        self.serial = (serial if serial is not None else _default_serial(storage.url)).encode()
+        if len(self.serial) > ID_BYTES:
+            raise ValueError(f"serial {serial!r} is longer than {ID_BYTES} bytes")
+        self.wce = 1                     # writeback: the guest sends FLUSH when it needs durability
+        self._inflight: dict[int, set[asyncio.Task[None]]] = {}
+        # Swap gate: requests wait at _resumed while a swap is under way; the
+        # swap waits for _executing (requests already on storage) to reach zero.
+        self._resumed = asyncio.Event()
+        self._resumed.set()
+        self._executing = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._swap_lock = asyncio.Lock()
+        self.stats: Counter[str] = Counter()
+        self._logged_causes: set[str] = set()
+        # Features are fixed when the device is created: discard and write-zeroes
+        # are offered if the first storage supports them; a later storage that
+        # does not still answers (discard is advisory, write-zeroes falls back
+        # to writing zeros).
+        self._discard = storage.supports_discard
+        self._write_zeroes = storage.supports_write_zeroes
+
+    # -- description ---------------------------------------------------------------
+
+    @property
+    def features(self) -> int:
+        f = (BlkFeature.SIZE_MAX | BlkFeature.SEG_MAX | BlkFeature.BLK_SIZE | BlkFeature.FLUSH
+             | BlkFeature.TOPOLOGY | BlkFeature.CONFIG_WCE)
+        if self.num_queues > 1:
+            f |= BlkFeature.MQ
+        if self.read_only:
+            f |= BlkFeature.RO
+        if self._discard:
+            f |= BlkFeature.DISCARD
+        if self._write_zeroes:
+            f |= BlkFeature.WRITE_ZEROES
+        return int(f)
+
+    @property
+    def has_config(self) -> bool:
+        return True
+
+    @property
+    def seg_max(self) -> int:
+        # The header and the status byte take two descriptors (QEMU uses the same rule).
+        return max(1, self.queue_size - 2)
+
+    def config(self) -> bytes:
+        return CONFIG.pack(
+            self.capacity // SECTOR,       # capacity (512-byte sectors)
+            SIZE_MAX,                      # size_max
+            self.seg_max,                  # seg_max
+            0, 0, 0,                       # geometry: cylinders, heads, sectors (not offered)
+            SECTOR,                        # blk_size
+            0, 0,                          # physical_block_exp, alignment_offset
+            1,                             # min_io_size (in blk_size units)
+            0,                             # opt_io_size
+            self.wce,                      # wce
+            0,                             # unused
+            self.num_queues,               # num_queues
+            MAX_DISCARD_SECTORS,           # max_discard_sectors
+            MAX_DISCARD_SEG,               # max_discard_seg
+            1,                             # discard_sector_alignment
+            MAX_WRITE_ZEROES_SECTORS,      # max_write_zeroes_sectors
+            MAX_WRITE_ZEROES_SEG,          # max_write_zeroes_seg
+            1,                             # write_zeroes_may_unmap
+        )
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        # §5.2.5: only the writeback flag is writable, and only with CONFIG_WCE.
+        if offset == WCE_OFFSET and len(data) == 1 and self.acked_features & BlkFeature.CONFIG_WCE:
+            self.wce = data[0] & 1
+            log.info("blk: write cache %s", "writeback" if self.wce else "writethrough")
+            return
+        raise Unsupported("config write", f"offset {offset} size {len(data)} is read-only")
+
+    def limits(self) -> BlkLimits:
+        return BlkLimits(self.capacity, self.read_only, self.seg_max,
+                         bool(self.acked_features & BlkFeature.DISCARD),
+                         bool(self.acked_features & BlkFeature.WRITE_ZEROES))
+
+    # -- the queue --------------------------------------------------------------------
+
+    async def process_queue(self, vq: VirtQueue) -> None:
+        inflight = self._inflight.setdefault(vq.index, set())
+        limits = self.limits()
+        for chain in vq.chains():
+            mem = vq.mem
+            try:
+                request, status = parse_request(chain, mem, limits)
+            except GuestError as exc:
+                log.warning("blk: queue %d: %s", vq.index, exc.at(queue=vq.index, head=chain.head))
+                vq.complete(chain, 0)
+                continue
+            except RequestError as exc:
+                self.stats["rejected"] += 1
+                log.info("blk: queue %d head %d: %s -> %s", vq.index, chain.head, exc.reason,
+                         exc.status.name)
+                assert exc.status_view is not None
+                exc.status_view[0] = exc.status
+                vq.complete(chain, 1)
+                continue
+            task = asyncio.get_running_loop().create_task(self._run(vq, chain, request, status))
+            inflight.add(task)
+            task.add_done_callback(inflight.discard)
+
+    async def _run(self, vq: VirtQueue, chain: DescriptorChain, request: BlkRequest,
+                   status: memoryview) -> None:
+        while not self._resumed.is_set():
+            await self._resumed.wait()
+        self._executing += 1
+        self._idle.clear()
+        try:
+            written = await self._execute(request)
+            code = Status.OK
+        except DeviceError as exc:
+            code = Status(exc.status) if exc.status in (1, 2) else Status.IOERR
+            written = 0
+            self._log_failure(request, exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:   # a storage bug: still answer the guest
+            code, written = Status.IOERR, 0
+            self._log_failure(request, exc)
+        finally:
+            self._executing -= 1
+            if self._executing == 0:
+                self._idle.set()
+        self.stats[request.type.name] += 1
+        if code is not Status.OK:
+            self.stats["errors"] += 1
+        if vq.stopped:
+            return
+        status[0] = code
+        vq.complete(chain, written + 1)
+
+    async def _execute(self, req: BlkRequest) -> int:
+        storage = self.storage
+        if req.type is ReqType.IN:
+            if req.data:
+                await storage.readv(req.sector * SECTOR, req.data)
+            return req.data_len
+        if req.type is ReqType.OUT:
+            if req.data:
+                await storage.writev(req.sector * SECTOR, req.data)
+                if not self.wce:
+                    await storage.flush()   # writethrough: durable before we ack
+            return 0
+        if req.type is ReqType.FLUSH:
+            await storage.flush()
+            return 0
+        if req.type is ReqType.GET_ID:
+            serial = self.serial.ljust(ID_BYTES, b"\0")
+            pos = 0
+            for v in req.data:
+                n = min(len(v), ID_BYTES - pos)
+                v[:n] = serial[pos: pos + n]
+                pos += n
+                if pos == ID_BYTES:
+                    break
+            return pos
+        if req.type is ReqType.DISCARD:
+            for sector, nsect, _flags in req.segments:
+                await storage.discard(sector * SECTOR, nsect * SECTOR)
+            return 0
+        if req.type is ReqType.WRITE_ZEROES:
+            for sector, nsect, flags in req.segments:
+                await storage.write_zeroes(sector * SECTOR, nsect * SECTOR,
+                                           may_unmap=bool(flags & WRITE_ZEROES_F_UNMAP))
+            return 0
+        raise DeviceError(f"request type {req.type.name} not supported", status=Status.UNSUPP)
+
+    def _log_failure(self, req: BlkRequest, exc: BaseException) -> None:
+        cause = f"{req.type.name}: {exc}"
+        key = f"{req.type.name}:{type(exc).__name__}:{getattr(exc, 'cause', None)!r}"
+        if key not in self._logged_causes:
+            self._logged_causes.add(key)
+            log.warning("blk: %s at sector %d failed -> IOERR (%s); further failures of this kind "
+                        "are counted in stats, not logged", req.type.name, req.sector, cause)
+
+    async def drain(self, index: int | None) -> None:
+        sets = [s for i, s in self._inflight.items() if index is None or i == index]
+        tasks = [t for s in sets for t in s]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def reset(self) -> None:
+        super().reset()
+        self.wce = 1
+
+    async def aclose(self) -> None:
+        await self.drain(None)
+        await self.storage.aclose()
+
+    # -- live storage changes ------------------------------------------------------------
+
+    async def pause(self) -> None:
+        """Hold new requests and wait until none is on storage (for a consistent copy)."""
+        self._resumed.clear()
+        await self._idle.wait()
+        log.info("blk: I/O paused")
+
+    def resume(self) -> None:
+        if not self._resumed.is_set():
+            self._resumed.set()
+            log.info("blk: I/O resumed")
+
+    @property
+    def paused(self) -> bool:
+        return not self._resumed.is_set()
+
+    async def swap_storage(self, new: Storage) -> Storage:
+        """Replace the storage under the running disk; returns the old one (still open).
+
+        New requests wait, requests in flight complete on the old storage, then
+        the new one takes over and I/O resumes (also after `pause`).  A
+        different size becomes a config change.
+
+        Raises:
+            ValueError: the new storage cannot stand in (read-only under a writable disk).
+        """
+        if new.read_only and not self.read_only:
+            raise ValueError(f"cannot swap a writable disk to read-only storage {new.url!r}")
+        async with self._swap_lock:
+            self._resumed.clear()
+            try:
+                await self._idle.wait()
+                old, self.storage = self.storage, new
+            finally:
+                self._resumed.set()
+            log.info("blk: storage swapped: %s -> %s", old.url, new.url)
+            await self._set_capacity(new.size)
+            return old
+
+    async def refresh_capacity(self) -> int:
+        """Re-read the storage size; a change reaches the guest as a config change."""
+        size = await self.storage.refresh_size()
+        await self._set_capacity(size)
+        return self.capacity
+
+    async def _set_capacity(self, size: int) -> None:
+        capacity = size // SECTOR * SECTOR
+        if capacity != self.capacity:
+            log.info("blk: capacity %d -> %d sectors", self.capacity // SECTOR, capacity // SECTOR)
+            self.capacity = capacity
+            await self.notify_config_change()
+
+    def info(self) -> dict[str, object]:
+        return {
+            "backend": self.storage.url,
+            "capacity": self.capacity,
+            "sectors": self.capacity // SECTOR,
+            "read_only": self.read_only,
+            "queues": self.num_queues,
+            "write_cache": "writeback" if self.wce else "writethrough",
+            "inflight": sum(len(s) for s in self._inflight.values()),
+            "paused": self.paused,
+            "stats": dict(self.stats),
+        }
+
+
+def _default_serial(url: str) -> str:
+    # Stable per backend, like Cloud Hypervisor's serial built from the image path.
+    return "vdev-" + hashlib.sha256(url.encode()).hexdigest()[:15]
