@@ -168,8 +168,18 @@ def _ctl(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     commands = load_commands()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # spec "Backend program conventions": --print-capabilities works alone,
+    # before the device's required options are checked.
+    if len(argv) >= 2 and argv[0] in commands and "--print-capabilities" in argv[1:]:
+        print(json.dumps(commands[argv[0]].capabilities()))
+        return 0
     parser = build_parser(commands)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        prog = f"vdev {args.device}" if args.device else "vdev"
+        print(f"{prog}: error: unrecognized arguments: {' '.join(extra)}", file=sys.stderr)
+        return 2
     if args.device is None:
         parser.print_help()
         return 2
@@ -177,9 +187,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _ctl(args)
     cmd = commands[args.device]
     prog = f"vdev {args.device}"
-    if args.print_capabilities:
-        print(json.dumps(cmd.capabilities()))
-        return 0
     try:
         where = serve_options(args)
         config = cmd.configure(args)

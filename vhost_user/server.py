@@ -44,6 +44,8 @@ _DRAIN_BEFORE = {FrontendReq.GET_VRING_BASE, FrontendReq.RESET_DEVICE, FrontendR
                  FrontendReq.REM_MEM_REG, FrontendReq.RESET_OWNER}
 #: How long to wait for the front-end's ack on the back-end channel.
 BACKEND_ACK_TIMEOUT = 5.0
+#: How long a newcomer waits for the current front-end's connection to end.
+RECONNECT_GRACE = 2.0
 
 
 def recv_with_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
@@ -118,10 +120,14 @@ class Connection:
         except ProtocolError as exc:
             log.error("dropping the connection: %s", exc)
         finally:
-            await self._drain(None)
-            self.session.close()
-            self.handler.close()
-            self.sock.close()
+            # Even if cancelled while draining (SIGTERM just after a disconnect),
+            # the device is reset and every fd released.
+            try:
+                await self._drain(None)
+            finally:
+                self.session.close()
+                self.handler.close()
+                self.sock.close()
 
     async def _drain(self, index: int | None) -> None:
         drain = getattr(self.handler.hooks, "drain", None)
@@ -268,13 +274,17 @@ class VhostUserServer:
         self._listener = self._listen()
         log.info("listening on %s", self.path or f"fd {self.listen_fd}")
         self.ready.set()
+        pending: socket.socket | None = None
         try:
             while True:
-                sock, _ = await loop.sock_accept(self._listener)
+                if pending is None:
+                    sock, _ = await loop.sock_accept(self._listener)
+                else:
+                    sock, pending = pending, None
                 log.info("front-end connected")
                 serving = asyncio.ensure_future(self._serve_one(sock))
                 try:
-                    await self._refuse_others_until(serving)
+                    pending = await self._hold_others_until(serving)
                 except BaseException:
                     serving.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
@@ -282,26 +292,47 @@ class VhostUserServer:
                     raise
                 await serving
         finally:
+            if pending is not None:
+                pending.close()
             self.close()
 
-    async def _refuse_others_until(self, serving: asyncio.Future[None]) -> None:
-        # Refuse a second front-end while one is served: two VMMs must never
-        # drive one device.
+    async def _hold_others_until(self, serving: asyncio.Future[None]) -> socket.socket | None:
+        """Accept while a front-end is served; return one that may follow it.
+
+        Two VMMs must never drive one device.  But a VMM that reconnects
+        arrives while the old connection is still being torn down (in-flight
+        requests drain, the device resets), so a newcomer is held for
+        `RECONNECT_GRACE` seconds and served as soon as the old connection
+        ends; if the old one is still there by then, the newcomer is refused.
+        Any further newcomer is refused at once.
+        """
         loop = asyncio.get_running_loop()
         assert self._listener is not None
+        pending: socket.socket | None = None
+        deadline = 0.0
         while not serving.done():
             accept = asyncio.ensure_future(loop.sock_accept(self._listener))
+            timeout = None if pending is None else max(0.0, deadline - loop.time())
             try:
-                done, _ = await asyncio.wait({serving, accept}, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait({serving, accept}, timeout=timeout,
+                                             return_when=asyncio.FIRST_COMPLETED)
             finally:
                 if not accept.done():
                     accept.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await accept
-            if accept in done and not accept.cancelled():
+            if accept.done() and not accept.cancelled():
                 extra, _ = accept.result()
+                if pending is None:
+                    pending, deadline = extra, loop.time() + RECONNECT_GRACE
+                else:
+                    log.warning("refusing a second front-end while one is connected")
+                    extra.close()
+            elif pending is not None and loop.time() >= deadline and not serving.done():
                 log.warning("refusing a second front-end while one is connected")
-                extra.close()
+                pending.close()
+                pending = None
+        return pending
 
     def close(self) -> None:
         if self._listener is not None:

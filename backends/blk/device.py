@@ -247,6 +247,10 @@ class BlkDevice(Device):
         self._executing = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        # Requests waiting at the gate.  They never touched storage, so when
+        # the front-end goes away they are cancelled rather than run later
+        # against a disk that a new guest may already own.
+        self._parked: set[asyncio.Task[None]] = set()
         self._swap_lock = asyncio.Lock()
         self.stats: Counter[str] = Counter()
         self._logged_causes: set[str] = set()
@@ -343,8 +347,15 @@ class BlkDevice(Device):
 
     async def _run(self, vq: VirtQueue, chain: DescriptorChain, request: BlkRequest,
                    status: memoryview) -> None:
-        while not self._resumed.is_set():
-            await self._resumed.wait()
+        if not self._resumed.is_set():
+            task = asyncio.current_task()
+            assert task is not None
+            self._parked.add(task)
+            try:
+                while not self._resumed.is_set():
+                    await self._resumed.wait()
+            finally:
+                self._parked.discard(task)
         self._executing += 1
         self._idle.clear()
         try:
@@ -416,14 +427,24 @@ class BlkDevice(Device):
                         "are counted in stats, not logged", req.type.name, req.sector, cause)
 
     async def drain(self, index: int | None) -> None:
+        """Wait for requests in flight.
+
+        For one queue (GET_VRING_BASE) every request popped from it must be
+        answered before the reply promises a quiet ring, so while I/O is
+        paused this waits for the resume.  For the whole device (memory-table
+        change, reset, disconnect) only requests already on storage are
+        waited for; parked ones are cancelled by `reset` if it follows.
+        """
         sets = [s for i, s in self._inflight.items() if index is None or i == index]
-        tasks = [t for s in sets for t in s]
+        tasks = [t for s in sets for t in s if index is not None or t not in self._parked]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     def reset(self) -> None:
         super().reset()
         self.wce = 1
+        for task in list(self._parked):
+            task.cancel()
 
     async def aclose(self) -> None:
         await self.drain(None)
