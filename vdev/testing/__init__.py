@@ -27,7 +27,13 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from vhost_user.frontend import Frontend
-from vhost_user.messages import VHOST_USER_F_PROTOCOL_FEATURES, MemoryRegion, ProtocolFeature, VringAddr
+from vhost_user.messages import (
+    VHOST_F_LOG_ALL,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+    MemoryRegion,
+    ProtocolFeature,
+    VringAddr,
+)
 
 from ..device import Device, serve
 from ..memory import MappedRegion, RegionTable
@@ -298,6 +304,7 @@ class VirtioFrontend:
             self._waiters[i] = asyncio.Event()
             self._loop.add_reader(fd, self._on_call, i, fd)
         self.interrupts = [0] * len(calls)
+        self.wakeups = [0] * len(calls)
 
     @classmethod
     async def start(cls, path: str, *, num_queues: int | None = None, queue_size: int = 128,
@@ -315,7 +322,10 @@ class VirtioFrontend:
         n = n if num_queues is None else min(n, num_queues)
         if proto & ProtocolFeature.BACKEND_REQ:
             await fe.set_backend_req_fd()
-        acked = offered if features is None else (offered & (features | VHOST_USER_F_PROTOCOL_FEATURES))
+        # By default accept everything offered except LOG_ALL, which QEMU acks
+        # only while migrating (it turns on dirty logging).
+        wanted = ~VHOST_F_LOG_ALL if features is None else features | VHOST_USER_F_PROTOCOL_FEATURES
+        acked = offered & wanted
         await fe.set_features(acked)
         mem = MemfdGuestMemory(memory_size, regions=regions)
         await fe.set_mem_table(mem.vhost_regions, mem.fds)
@@ -345,9 +355,11 @@ class VirtioFrontend:
         return cls(fe, mem, queues, kicks, calls, acked, proto)
 
     def _on_call(self, index: int, fd: int) -> None:
+        # ``interrupts`` counts signals from the device (the eventfd counter
+        # adds up several writes), ``wakeups`` how often we were woken.
         with contextlib.suppress(BlockingIOError):
-            os.read(fd, 8)
-        self.interrupts[index] += 1
+            self.interrupts[index] += int.from_bytes(os.read(fd, 8), "little")
+        self.wakeups[index] += 1
         self._waiters[index].set()
 
     def kick(self, index: int) -> None:
