@@ -50,12 +50,12 @@ class Daemon:
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, wait_for: Path, timeout: float = 15.0) -> None:
+    def start(self, wait_for: Path | None, timeout: float = 15.0) -> None:
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "vdev", *self.args],
                                      stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
-        while not wait_for.exists():
+        while wait_for is not None and not wait_for.exists():
             if self.proc.poll() is not None:
                 raise RuntimeError(f"vdev {self.args} exited {self.proc.returncode}:\n{self.log()}")
             if time.monotonic() > deadline:
@@ -84,7 +84,7 @@ def vdev_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     """Start ``vdev <args>``; every daemon is stopped at teardown and must exit 0."""
     daemons: list[Daemon] = []
 
-    def start(*args: str, wait_for: Path) -> Daemon:
+    def start(*args: str, wait_for: Path | None) -> Daemon:
         d = Daemon(list(args), tmp_path / f"vdev-{len(daemons)}.log")
         daemons.append(d)
         d.start(wait_for)

@@ -34,3 +34,30 @@ async def test_guest_reads_hwrng_from_vdev_rng(guest_image: GuestImage, vdev_dae
     zeros = int(out.split("zeros=")[1].split()[0])
     assert zeros < 200, out
     assert "differ" in out, out
+
+
+async def test_second_guest_reconnects_after_first_exits(guest_image: GuestImage, vdev_daemon,
+                                                         tmp_path: Path) -> None:
+    """The device resets when QEMU goes away, and the next QEMU gets a working device."""
+    sock = tmp_path / "rng.sock"
+    daemon = vdev_daemon("rng", "--socket", str(sock), wait_for=sock)
+    args = ["-chardev", f"socket,id=rng0,path={sock}", "-device", "vhost-user-rng-pci,chardev=rng0"]
+    script = "dd if=/dev/hwrng bs=512 count=4 2>/dev/null | wc -c"
+    for _ in range(2):
+        result = await run_in_guest(guest_image, script, timeout=120, qemu_args=args)
+        assert result.exit_status == 0 and result.output.strip() == "2048", result.console
+    log = daemon.log()
+    assert log.count("front-end connected") == 2, log
+    assert log.count("front-end disconnected") >= 1, log
+
+
+async def test_client_mode_connects_to_listening_qemu(guest_image: GuestImage, vdev_daemon,
+                                                      tmp_path: Path) -> None:
+    """`vdev rng --client` connects to a QEMU started with server=on (it waits for the socket)."""
+    sock = tmp_path / "qemu-rng.sock"
+    vdev_daemon("rng", "--socket", str(sock), "--client", wait_for=None)
+    result = await run_in_guest(guest_image, "dd if=/dev/hwrng bs=512 count=4 2>/dev/null | wc -c",
+                                timeout=120, qemu_args=[
+                                    "-chardev", f"socket,id=rng0,path={sock},server=on,wait=on",
+                                    "-device", "vhost-user-rng-pci,chardev=rng0"])
+    assert result.exit_status == 0 and result.output.strip() == "2048", result.console
