@@ -161,37 +161,36 @@ def _advance(bufs: list[memoryview], i: int, n: int) -> int:
     return i
 
 
-def _preadv_full(fd: int, offset: int, buffers: Sequence[memoryview]) -> int:
-    """preadv until the buffers are full or EOF; returns bytes read."""
+def _iov_full(syscall, fd: int, offset: int, buffers: Sequence[memoryview]) -> int:  # type: ignore[no-untyped-def]
+    """Repeat ``syscall`` (os.preadv or os.pwritev) until every buffer is done; returns bytes moved.
+
+    A read stops early at end of file (0 returned); a write that moves
+    nothing raises EIO, which regular files and devices never do.
+    """
     bufs = list(buffers)
     i = total = 0
     while i < len(bufs):
         if bufs[i].nbytes == 0:
             i += 1
             continue
-        n = os.preadv(fd, bufs[i:i + _IOV_MAX], offset)
+        n = syscall(fd, bufs[i:i + _IOV_MAX], offset)
         if n == 0:
-            break  # end of file
+            if syscall is os.preadv:
+                break  # end of file
+            raise OSError(errno.EIO, "pwritev wrote nothing")  # pragma: no cover
         total += n
         offset += n
         i = _advance(bufs, i, n)
     return total
+
+
+def _preadv_full(fd: int, offset: int, buffers: Sequence[memoryview]) -> int:
+    """preadv until the buffers are full or EOF; returns bytes read."""
+    return _iov_full(os.preadv, fd, offset, buffers)
 
 
 def _pwritev_full(fd: int, offset: int, buffers: Sequence[memoryview]) -> int:
-    bufs = list(buffers)
-    i = total = 0
-    while i < len(bufs):
-        if bufs[i].nbytes == 0:
-            i += 1
-            continue
-        n = os.pwritev(fd, bufs[i:i + _IOV_MAX], offset)
-        if n == 0:  # pragma: no cover - regular files and devices never do this
-            raise OSError(errno.EIO, "pwritev wrote nothing")
-        total += n
-        offset += n
-        i = _advance(bufs, i, n)
-    return total
+    return _iov_full(os.pwritev, fd, offset, buffers)
 
 
 def _copy_into(dst: memoryview, pos: int, buffers: Sequence[memoryview]) -> None:
