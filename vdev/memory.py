@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import errno
 import mmap
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -175,8 +176,16 @@ class MemoryMap(RegionTable):
                    region.mmap_offset)
             mm = old.get(key)
             if mm is None:
-                mm = mmap.mmap(fd, region.mmap_offset + region.memory_size, mmap.MAP_SHARED,
-                               mmap.PROT_READ | mmap.PROT_WRITE)
+                try:
+                    mm = mmap.mmap(fd, region.mmap_offset + region.memory_size, mmap.MAP_SHARED,
+                                   mmap.PROT_READ | mmap.PROT_WRITE)
+                except (ValueError, OverflowError) as exc:
+                    # Fix: CPython reports a region beyond the end of a regular file
+                    # (memfd) as ValueError, an absurd length as OverflowError.  The
+                    # handler only turns OSError into a failed request; anything else
+                    # escaped the connection and stopped the whole server.
+                    raise OSError(errno.EINVAL, f"cannot map region at gpa {region.guest_phys_addr:#x}: "
+                                                f"{exc}") from exc
             maps[key] = mm
             view = memoryview(mm)[region.mmap_offset: region.mmap_offset + region.memory_size]
             mapped.append(MappedRegion(region.guest_phys_addr, region.memory_size,

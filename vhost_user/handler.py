@@ -214,7 +214,7 @@ class BackendHandler:
     # -- entry point -------------------------------------------------------
 
     def handle(self, msg: Message | InvalidMessage) -> Reply | None:
-        """Apply one request; return the reply to send, if any.  Never raises VdevError."""
+        """Apply one request; return the reply to send, if any.  Never raises Exception."""
         spec = FRONTEND_REQUESTS.get(msg.request) if isinstance(msg.request, FrontendReq) else None
         name = msg.request.name if isinstance(msg.request, FrontendReq) else str(msg.request)
         error: VdevError | None
@@ -232,6 +232,13 @@ class BackendHandler:
                 error = exc
             except OSError as exc:     # e.g. mmap of a bad fd
                 error = ProtocolError(f"{name} failed: {exc}", request=name)
+            except Exception as exc:
+                # Fix: a bug in a hook (say a device's write_config raising KeyError)
+                # escaped here, then Connection.run and serve_forever, and stopped the
+                # whole daemon.  Fail just this request, as vdev.device does for
+                # process_queue; the hooks' cleanup paths already cover any exception.
+                log.exception("request %s: unexpected error in a device hook", name)
+                error = ProtocolError(f"{name} failed: {exc!r}", request=name)
         if error is not None:
             level = logging.INFO if isinstance(error, Unsupported) else logging.WARNING
             log.log(level, "request %s failed: %s", name, error)

@@ -99,7 +99,10 @@ class HeaderFlag(enum.IntFlag):
 
 VERSION_MASK = 0x3
 #: Every flag bit the spec defines; the others are reserved and must be zero.
-KNOWN_FLAGS = VERSION_MASK | HeaderFlag.REPLY | HeaderFlag.NEED_REPLY
+# Fix: a plain int.  As a HeaderFlag, ``~KNOWN_FLAGS`` is the complement within the
+# flag's own members (Python 3.11+ IntFlag), i.e. 0, and ``flags & ~KNOWN_FLAGS``
+# never saw a reserved bit.
+KNOWN_FLAGS = int(VERSION_MASK | HeaderFlag.REPLY | HeaderFlag.NEED_REPLY)
 
 
 class ProtocolFeature(enum.IntFlag):

@@ -6,11 +6,13 @@ with `receive_data(data, fds)`; `next_event()` then hands back one complete
 message at a time, or `NEED_DATA`.  Writing is just as plain: `encode()` turns
 a message into bytes, and the caller sends those bytes with the fds.
 
-File descriptors travel as SCM_RIGHTS ancillary data, which the kernel
-delivers with the first byte of the `sendmsg` that carried them.  The session
-records the stream offset at which each batch arrived and attaches it to the
-message whose bytes cover that offset, so fds stay with their message even
-when one read returns several messages or half of one.
+File descriptors travel as SCM_RIGHTS ancillary data.  The kernel hands
+them over with the read that reaches the `sendmsg` that carried them, and ends
+that read inside that sendmsg's bytes; earlier fd-less messages may be glued
+in front of it in the same read.  The session therefore records the stream
+offset of the *last* byte of the read that brought each batch and attaches the
+batch to the message whose bytes cover that offset, so fds stay with their
+message even when one read returns several messages or half of one.
 
 Errors come in two kinds (`ProtocolError.fatal`):
 
@@ -127,7 +129,15 @@ class Framer:
     def receive_data(self, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
         """Buffer ``data`` and the fds that arrived with it (ownership passes to the framer)."""
         if fds:
-            self._fds.append((self._consumed + len(self._buf), list(fds)))
+            # Fix: the fds belong to the message holding the *last* byte of this
+            # read, not the first.  Linux (unix_stream_read_generic) glues the
+            # bytes of fd-less sendmsgs in front of the one carrying fds and stops
+            # right after it, so [SET_VRING_ADDR][SET_VRING_KICK+fd] arrives as
+            # one read; keyed on the first byte, the kick fd went to
+            # SET_VRING_ADDR and both requests failed (any front-end that does
+            # not wait for an ack between requests, e.g. QEMU without REPLY_ACK).
+            last = self._consumed + len(self._buf) + max(len(data), 1) - 1
+            self._fds.append((last, list(fds)))
         self._buf += data
 
     @property
