@@ -231,8 +231,24 @@ class DriverQueue:
     # -- posting and reaping ---------------------------------------------------------------
 
     def add_chain(self, buffers: Sequence[Buffer], *, indirect: bool = False) -> int:
-        """Post a chain (readable buffers must come first); returns its head."""
+        """Post a chain (readable buffers must come first); returns its head.
+
+        Raises MemoryError, with nothing allocated, when the ring has too few
+        free descriptors or the test memory is exhausted.
+        """
+        needed = 1 if indirect else len(buffers)
+        if needed > len(self.free_desc):
+            raise MemoryError(f"no free descriptors: need {needed}, {len(self.free_desc)} free")
         bufs: list[tuple[int, int, bool]] = []
+        try:
+            return self._add_chain(buffers, bufs, indirect)
+        except MemoryError:
+            for a, n, _w in bufs:
+                self.alloc.release(a, n)
+            raise
+
+    def _add_chain(self, buffers: Sequence[Buffer], bufs: list[tuple[int, int, bool]],
+                   indirect: bool) -> int:
         for b in buffers:
             n = b.write_len if b.is_write else len(b.data)
             addr = self.alloc.alloc(n)
@@ -250,8 +266,6 @@ class DriverQueue:
             descs = [self.free_desc.pop()]
             self.write_desc(descs[0], table, DESC_SIZE * len(bufs), VIRTQ_DESC_F_INDIRECT)
         else:
-            if len(bufs) > len(self.free_desc):
-                raise MemoryError("no free descriptors")
             descs = [self.free_desc.pop() for _ in bufs]
             for j, ((addr, n, w), i) in enumerate(zip(bufs, descs)):
                 last = j + 1 == len(bufs)
