@@ -78,7 +78,7 @@ class VirtQueue:
             if isinstance(item, GuestError):
                 log.warning("%s: bad chain: %s", self.runtime.device.name, item)
                 if item.head is not None and self.queue.broken is None:
-                    self.complete(item.head, 0)
+                    self.complete(item.head, self.runtime.device.bad_chain(self, item))
                 continue
             yield item
 
@@ -154,6 +154,15 @@ class Device(abc.ABC):
     @abc.abstractmethod
     async def process_queue(self, vq: VirtQueue) -> None:
         """Handle the chains of a kicked queue (iterate ``vq.chains()``)."""
+
+    def bad_chain(self, vq: VirtQueue, error: GuestError) -> int:
+        """A malformed chain is about to go back to the driver; return the used length.
+
+        ``error.tail`` is the chain's last descriptor when it is writable and
+        inside guest memory; a device whose requests end in a status byte
+        writes an error status there.  The default writes nothing (length 0).
+        """
+        return 0
 
     async def drain(self, index: int | None) -> None:
         """Wait until no request of queue ``index`` (None: any) is in flight."""

@@ -30,6 +30,10 @@ class GuestError(VdevError):
         self.head = head
         self.gpa = gpa
         self.length = length
+        #: For a bad chain whose last descriptor is writable and inside guest
+        #: memory: that descriptor (a `vdev.queue.Descriptor`), where a device
+        #: may still write a status.  None otherwise.
+        self.tail: object = None
         super().__init__(message)
 
     def at(self, *, queue: int | None = None, head: int | None = None) -> GuestError:

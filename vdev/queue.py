@@ -21,7 +21,11 @@ sees it:
 
 A bad chain raises `GuestError` with queue, head and address.  The avail
 entry has been consumed by then, so the caller returns the head to the used
-ring (with length 0) and the guest gets its descriptor back; only a head
+ring and the guest gets its descriptor back.  When the chain is sound in
+structure but a buffer lies outside guest memory (or the order is wrong), the
+error's ``tail`` is the chain's last descriptor if that one is writable and
+in bounds, so a device can still answer with a status there (virtio-blk
+writes IOERR); otherwise the head goes back with length 0.  Only a head
 index that is itself out of range, or an avail index that jumped by more
 than the queue size, leaves the queue `broken`, because nothing valid can be
 written back for it.
@@ -290,6 +294,7 @@ class Queue:
         table, table_len, i = self.desc, self.size, chain.head
         in_indirect = False
         budget = self.size        # descriptors we may still visit in this table
+        deferred: GuestError | None = None
         while True:
             if budget == 0:
                 raise GuestError("descriptor chain longer than its table: a loop?", gpa=table)
@@ -314,18 +319,28 @@ class Queue:
                 budget = table_len
                 in_indirect = True
                 continue
+            # A bad buffer or a wrong order does not stop the walk: the chain's
+            # structure is still sound, so we go on to its end (loops are still
+            # caught by the budget) to learn whether its last descriptor is a
+            # writable in-bounds buffer, where a device may still put a status.
+            d = Descriptor(addr, length, flags)
             try:
                 _check_range(mem, addr, length)
+                in_bounds = True
             except GuestError:
-                raise GuestError("buffer outside guest memory", gpa=addr, length=length) from None
-            d = Descriptor(addr, length, flags)
+                in_bounds = False
+                deferred = deferred or GuestError("buffer outside guest memory", gpa=addr, length=length)
             if d.is_write:
                 chain.writable.append(d)
             elif chain.writable:
-                raise GuestError("device-readable descriptor after a device-writable one", gpa=addr)
+                deferred = deferred or GuestError("device-readable descriptor after a device-writable one",
+                                                  gpa=addr)
             else:
                 chain.readable.append(d)
             if not flags & VIRTQ_DESC_F_NEXT:
+                if deferred is not None:
+                    deferred.tail = d if d.is_write and in_bounds and d.len > 0 else None
+                    raise deferred
                 return
             if nxt >= table_len:
                 raise GuestError(f"next index {nxt} beyond a table of {table_len}", gpa=addr)

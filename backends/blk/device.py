@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 from vdev.device import Device, VirtQueue
 from vdev.errors import DeviceError, GuestError, Unsupported
-from vdev.queue import DescriptorChain
+from vdev.queue import Descriptor, DescriptorChain
 from vdev.uapi.virtio import DeviceId
 
 from .storage.base import Storage
@@ -344,6 +344,17 @@ class BlkDevice(Device):
             task = asyncio.get_running_loop().create_task(self._run(vq, chain, request, status))
             inflight.add(task)
             task.add_done_callback(inflight.discard)
+
+    def bad_chain(self, vq: VirtQueue, error: GuestError) -> int:
+        # §5.2.6: every request ends in a status byte.  A chain with a buffer
+        # outside guest memory still gets IOERR when its last descriptor (the
+        # status) is a sound writable buffer; nothing else of it is touched.
+        tail = error.tail
+        if not isinstance(tail, Descriptor):
+            return 0
+        vq.mem.view(tail.addr + tail.len - 1, 1)[0] = Status.IOERR
+        self.stats["rejected"] += 1
+        return 1
 
     async def _run(self, vq: VirtQueue, chain: DescriptorChain, request: BlkRequest,
                    status: memoryview) -> None:
