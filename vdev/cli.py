@@ -205,7 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     except Exception as exc:
-        log.error("%s: %s", prog, exc)
+        # Typically the device could not be created (storage that will not
+        # open); no socket exists yet.  One line, like a bad value.
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -211,3 +211,15 @@ async def test_daemon_sigterm_with_frontend_connected(short_dir: str) -> None:
             proc.wait(5)
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+def test_storage_that_will_not_open_fails_in_one_line(capsys: pytest.CaptureFixture[str],
+                                                      short_dir: str) -> None:
+    """A URL that parses but cannot be opened (no NBD server) exits 1, one line, no socket."""
+    sock = os.path.join(short_dir, "blk.sock")
+    missing = os.path.join(short_dir, "no-nbd.sock")
+    code = run(["blk", "--socket", sock, "--backend", f"nbd+unix:///disk?socket={missing}"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert len(lines) == 1 and lines[0].startswith("vdev blk: error: ") and missing in lines[0], lines
+    assert not os.path.exists(sock)
