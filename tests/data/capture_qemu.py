@@ -41,7 +41,7 @@ async def pump(loop: asyncio.AbstractEventLoop, src: socket.socket, dst: socket.
                direction: str, log: list[str]) -> None:
     while True:
         fut: asyncio.Future[None] = loop.create_future()
-        loop.add_reader(src.fileno(), lambda: fut.done() or fut.set_result(None))
+        loop.add_reader(src.fileno(), lambda f=fut: f.done() or f.set_result(None))
         try:
             await fut
         finally:

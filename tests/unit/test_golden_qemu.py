@@ -37,7 +37,7 @@ def replay(chunks: list[tuple[str, int, bytes]]) -> tuple[list[Message], int]:
     for direction, nfds, data in chunks:
         if direction == "<":
             replies.receive_data(data)
-            while (raw := replies.next_reply()) is not NEED_DATA:
+            while replies.next_reply() is not NEED_DATA:
                 n_replies += 1
             continue
         session.receive_data(data, [os.eventfd(0) for _ in range(nfds)])
