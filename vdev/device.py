@@ -287,9 +287,18 @@ class DeviceRuntime(BackendHooks):
             self.call_fds[index] = fd
 
     def set_vring_kick(self, index: int, fd: int | None) -> None:
-        self._unwatch_kick(index)
-        if fd is not None:
-            self._watch_kick(index, fd)
+        # Watch the new fd before dropping the old one: if the loop refuses it
+        # (epoll cannot watch a regular file), nothing has changed.
+        old = self.kick_fds.get(index)
+        if fd is not None and fd != old:
+            os.set_blocking(fd, False)
+            self.loop.add_reader(fd, self._on_kick, index, fd)
+        if old is not None and old != fd:
+            self.loop.remove_reader(old)
+        if fd is None:
+            self.kick_fds.pop(index, None)
+        else:
+            self.kick_fds[index] = fd
         self.schedule(index)
 
     def get_config(self, offset: int, size: int) -> bytes:

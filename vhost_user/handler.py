@@ -485,8 +485,14 @@ class BackendHandler:
     def _on_set_vring_kick(self, msg: Message) -> None:
         vring, fd = self._vring_fd(msg)
         if vring.started:
+            try:
+                self.hooks.set_vring_kick(vring.index, fd)
+            except BaseException:
+                # Refused (e.g. an fd epoll cannot watch): the ring keeps its
+                # old kick fd, and the new one was ours to close.
+                self._replace_fd(fd)
+                raise
             old, vring.kick_fd = vring.kick_fd, fd
-            self.hooks.set_vring_kick(vring.index, fd)
             self._replace_fd(old)
             return
         if vring.num == 0 or vring.addr is None:

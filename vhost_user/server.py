@@ -44,6 +44,8 @@ _DRAIN_BEFORE = {FrontendReq.GET_VRING_BASE, FrontendReq.RESET_DEVICE, FrontendR
                  FrontendReq.REM_MEM_REG, FrontendReq.RESET_OWNER}
 #: How long to wait for the front-end's ack on the back-end channel.
 BACKEND_ACK_TIMEOUT = 5.0
+#: How long a reply may wait for a front-end that does not read.
+SEND_TIMEOUT = 30.0
 #: How long a newcomer waits for the current front-end's connection to end.
 RECONNECT_GRACE = 2.0
 
@@ -74,6 +76,15 @@ def send_with_fds(sock: socket.socket, data: bytes, fds: tuple[int, ...] | list[
             sock.sendall(data[sent:])
         finally:
             sock.setblocking(False)
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    fut: asyncio.Future[None] = loop.create_future()
+    loop.add_writer(fd, lambda: fut.done() or fut.set_result(None))
+    try:
+        await fut
+    finally:
+        loop.remove_writer(fd)
 
 
 async def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
@@ -111,6 +122,10 @@ class Connection:
                         data, fds = b"", []
                     if not data:
                         close_fds(fds)
+                        partial = self.session.partial()
+                        if partial is not None:
+                            log.warning("front-end closed the connection in the middle of a "
+                                        "message: %s", partial)
                         log.info("front-end disconnected")
                         return
                     self.session.receive_data(data, fds)
@@ -119,6 +134,8 @@ class Connection:
                 await self._dispatch(event)
         except ProtocolError as exc:
             log.error("dropping the connection: %s", exc)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            log.info("front-end went away before reading a reply (%s)", exc)
         finally:
             # Even if cancelled while draining (SIGTERM just after a disconnect),
             # the device is reset and every fd released.
@@ -143,7 +160,33 @@ class Connection:
         reply = self.handler.handle(msg)
         if reply is not None:
             log.debug("-> reply %d bytes", len(reply.data))
-            send_with_fds(self.sock, reply.data, reply.fds)
+            await self._send(reply.data, reply.fds)
+
+    async def _send(self, data: bytes, fds: tuple[int, ...]) -> None:
+        """Send a reply without blocking the loop.
+
+        A front-end that pipelines requests without reading fills our socket
+        buffer; then we wait until it reads (up to `SEND_TIMEOUT`), and drop
+        the connection if it never does.
+        """
+        loop = asyncio.get_running_loop()
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+        view = memoryview(data)
+        deadline = loop.time() + SEND_TIMEOUT
+        while view:
+            try:
+                n = self.sock.sendmsg([view], anc)
+            except BlockingIOError:
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise ProtocolError("front-end does not read its replies", fatal=True,
+                                        value=f"{len(view)} bytes unsent") from None
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(left):
+                        await _writable(loop, self.sock.fileno())
+                continue
+            anc = []          # the fds went with the first byte
+            view = view[n:]
 
     async def backend_request(self, request: BackendReq, payload: bytes = b"") -> int | None:
         """Send a back-end request (e.g. CONFIG_CHANGE_MSG); return the ack value if one was asked.

@@ -144,6 +144,16 @@ class Framer:
     def buffered(self) -> int:
         return len(self._buf)
 
+    def partial(self) -> str | None:
+        """Describe an incomplete message still buffered (for the log at EOF), or None."""
+        if not self._buf:
+            return None
+        if len(self._buf) < HEADER_SIZE:
+            return f"{len(self._buf)} bytes of a 12-byte header"
+        request, _flags, size = HEADER.unpack_from(self._buf)
+        return (f"request {request} announcing a {size}-byte payload, "
+                f"{len(self._buf) - HEADER_SIZE} payload bytes received")
+
     def _take_fds(self, end: int) -> list[int]:
         taken: list[int] = []
         while self._fds and self._fds[0][0] < end:
@@ -239,6 +249,10 @@ class BackendSession:
             raise ProtocolError("front-end sent a message with the REPLY flag", request=raw.request,
                                 value=hex(raw.flags), fatal=True)
         return decode(raw, FRONTEND_REQUESTS, FrontendReq)
+
+    def partial(self) -> str | None:
+        """An incomplete message still buffered, described for a log line; or None."""
+        return self._framer.partial()
 
     @staticmethod
     def reply(request: FrontendReq, payload: bytes) -> bytes:
