@@ -141,10 +141,16 @@ async def _run(cmd: DeviceCommand, config: Any, where: ServeOptions) -> None:
     assert task is not None
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, task.cancel)
-    device = await cmd.create(config)
-    with contextlib.suppress(asyncio.CancelledError):
-        await cmd.serve(device, config, where)
-    log.info("%s: stopped", cmd.name)
+    try:
+        device = await cmd.create(config)
+        with contextlib.suppress(asyncio.CancelledError):
+            await cmd.serve(device, config, where)
+        log.info("%s: stopped", cmd.name)
+    finally:
+        # Otherwise the signals stay bound to a closed loop and are swallowed
+        # for the rest of the process (a caller of main() could not be killed).
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
 
 
 def _ctl(args: argparse.Namespace) -> int:

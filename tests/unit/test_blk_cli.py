@@ -223,3 +223,12 @@ def test_storage_that_will_not_open_fails_in_one_line(capsys: pytest.CaptureFixt
     assert code == 1
     assert len(lines) == 1 and lines[0].startswith("vdev blk: error: ") and missing in lines[0], lines
     assert not os.path.exists(sock)
+
+
+def test_main_in_process_leaves_sigterm_as_it_found_it(short_dir: str) -> None:
+    """Calling main() must not leave SIGTERM bound to its closed event loop."""
+    before = signal.getsignal(signal.SIGTERM)
+    missing = os.path.join(short_dir, "no-nbd.sock")
+    run(["blk", "--socket", os.path.join(short_dir, "blk.sock"), "--backend",
+         f"nbd+unix:///disk?socket={missing}"])
+    assert signal.getsignal(signal.SIGTERM) == before
