@@ -18,6 +18,7 @@ import platform
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Self
 
 from .base import (
     SECTOR_SIZE,
@@ -53,7 +54,24 @@ def _parse_sized_spec(spec: StorageSpec) -> StorageSpec:
     return replace(spec, size=parse_size_in_url(spec.target, spec.url))
 
 
-class MemoryStorage(Storage):
+class _SizedStorage(Storage):
+    """What ``mem:SIZE`` and ``null:SIZE`` share: a URL that is just a size, and discard."""
+
+    @classmethod
+    def parse_spec(cls, spec: StorageSpec) -> StorageSpec:
+        return _parse_sized_spec(spec)
+
+    @classmethod
+    async def open(cls, spec: StorageSpec) -> Self:
+        assert spec.size is not None
+        return cls(spec.size, read_only=spec.read_only, url=spec.url)
+
+    @property
+    def supports_discard(self) -> bool:
+        return True
+
+
+class MemoryStorage(_SizedStorage):
     """A RAM disk of ``size`` bytes, initially all zeros."""
 
     def __init__(self, size: int, *, read_only: bool = False, url: str | None = None) -> None:
@@ -68,19 +86,6 @@ class MemoryStorage(Storage):
         except OSError as e:
             raise io_error(f"cannot allocate RAM disk {self.url}", e, value=size) from e
         self._view: memoryview | None = memoryview(self._mm)
-
-    @classmethod
-    def parse_spec(cls, spec: StorageSpec) -> StorageSpec:
-        return _parse_sized_spec(spec)
-
-    @classmethod
-    async def open(cls, spec: StorageSpec) -> MemoryStorage:
-        assert spec.size is not None
-        return cls(spec.size, read_only=spec.read_only, url=spec.url)
-
-    @property
-    def supports_discard(self) -> bool:
-        return True
 
     def _mem(self) -> memoryview:
         assert self._view is not None
@@ -148,26 +153,13 @@ class MemoryStorage(Storage):
             mm.close()
 
 
-class NullStorage(Storage):
+class NullStorage(_SizedStorage):
     """Reads zeros, discards writes: a disk with no back end at all."""
 
     def __init__(self, size: int, *, read_only: bool = False, url: str | None = None) -> None:
         self._size = _check_size(size)
         self.read_only = read_only
         self.url = url or f"null:{size}"
-
-    @classmethod
-    def parse_spec(cls, spec: StorageSpec) -> StorageSpec:
-        return _parse_sized_spec(spec)
-
-    @classmethod
-    async def open(cls, spec: StorageSpec) -> NullStorage:
-        assert spec.size is not None
-        return cls(spec.size, read_only=spec.read_only, url=spec.url)
-
-    @property
-    def supports_discard(self) -> bool:
-        return True
 
     async def readv(self, offset: int, buffers: Sequence[memoryview]) -> None:
         self.check_range(offset, buffers_length(buffers), "read")
