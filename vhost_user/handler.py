@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import abc
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -614,11 +613,3 @@ class BackendHandler:
             self.state.backend_fd = None
         self.state.owner = False
 
-
-def raw_fd_alive(fd: int) -> bool:
-    """True while ``fd`` is an open descriptor (for tests of fd ownership)."""
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
