@@ -386,8 +386,10 @@ class DeviceRuntime(BackendHooks):
         targets = [vq for i, vq in self.queues.items() if index is None or i == index]
         for vq in targets:
             while vq.task is not None and not vq.task.done():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.shield(vq.task)
+                # Waits without cancelling the task, and lets a cancel of
+                # drain itself through (suppressing CancelledError around
+                # shield() would swallow it).
+                await asyncio.wait({vq.task})
         await self.device.drain(index)
 
     async def notify_config_change(self) -> bool:

@@ -486,10 +486,13 @@ class BackendHandler:
         if vring.started:
             try:
                 self.hooks.set_vring_kick(vring.index, fd)
-            except BaseException:
+            except BaseException as exc:
                 # Refused (e.g. an fd epoll cannot watch): the ring keeps its
                 # old kick fd, and the new one was ours to close.
                 self._replace_fd(fd)
+                if isinstance(exc, OSError):
+                    raise ProtocolError(f"ring {vring.index}: new kick fd refused ({exc.strerror})",
+                                        request=msg.request.name, value=fd) from exc
                 raise
             old, vring.kick_fd = vring.kick_fd, fd
             self._replace_fd(old)

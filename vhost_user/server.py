@@ -362,8 +362,10 @@ class VhostUserServer:
             finally:
                 if not accept.done():
                     accept.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await accept
+                    # asyncio.wait, not `suppress(CancelledError): await accept`:
+                    # the latter also swallowed a cancel aimed at *us* (SIGTERM
+                    # just after a disconnect), and the server kept accepting.
+                    await asyncio.wait({accept})
             if accept.done() and not accept.cancelled():
                 extra, _ = accept.result()
                 if pending is None:

@@ -446,5 +446,4 @@ async def device_pair(device: Device, **frontend_options: object) -> AsyncIterat
             if vm is not None:
                 await vm.close()
             server.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await server
+            await asyncio.wait({server})
