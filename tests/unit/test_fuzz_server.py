@@ -13,10 +13,10 @@ connections send
 
 The fuzz client reads the replies as they come and half-closes when done, so
 the server always sees a clean EOF; a front-end that does not read, or goes
-away before reading, is a plain test of its own.  After every connection: the server task
-is still running, a fresh `VirtioFrontend` gets real work done (64 random
-bytes; a sector written and read back), and this process holds exactly the
-fds it held before (every fd sent to the server was closed by it).
+away before reading, is a plain test of its own.  After every connection: the
+server task is still running, a fresh `VirtioFrontend` gets real work done (64
+random bytes; a sector written and read back), and this process holds exactly
+the fds it held before (every fd sent to the server was closed by it).
 
 Then one plain test per named bad input, each checking the log line that
 names the offending value.
@@ -53,6 +53,7 @@ from vhost_user.frontend import Frontend
 from vhost_user.handler import HANDLER_PROTOCOL_FEATURES
 from vhost_user.messages import (
     HEADER,
+    U64,
     VHOST_USER_F_PROTOCOL_FEATURES,
     FrontendReq,
     HeaderFlag,
@@ -60,7 +61,6 @@ from vhost_user.messages import (
     MemoryTable,
     ProtocolFeature,
     SingleMemoryRegion,
-    U64,
     VringAddr,
     VringFd,
     VringState,
@@ -68,7 +68,7 @@ from vhost_user.messages import (
 from vhost_user.server import VhostUserServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_golden_qemu import CAPTURES, load  # noqa: E402
+from test_golden_qemu import CAPTURES, load
 
 POISON = 0xAA          # DriverQueue fills writable buffers with it before posting
 SECTOR = 512
@@ -168,11 +168,24 @@ async def running(kind: str) -> AsyncIterator[Running]:
         yield srv
         srv.assert_alive()
     finally:
-        task.cancel()
-        # A server that died has been reported by assert_alive; do not mask that report.
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+        await stop(task)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def stop(task: asyncio.Task[None], timeout: float = 5.0) -> None:
+    """Cancel the server task and wait for it to end.
+
+    Cancelled right after a front-end left, the server may swallow one
+    cancellation (test_cancel_right_after_a_disconnect_stops_the_server), so
+    cancel again until it ends rather than hang the run.  A server that died
+    was reported by `Running.assert_alive`; its exception is not raised again here.
+    """
+    async with asyncio.timeout(timeout):
+        while not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.1)
+    if not task.cancelled():
+        task.exception()         # retrieved, so asyncio does not log it as never retrieved
 
 
 def offered_protocol(kind: str) -> ProtocolFeature:
@@ -579,7 +592,7 @@ async def ack_of(fe: Frontend, request: FrontendReq, payload: bytes, kinds: Sequ
 
 
 async def test_payload_size_over_limit_drops_only_that_connection(warnings_log: pytest.LogCaptureFixture) -> None:
-    async with session() as (srv, fe):
+    async with session() as (_srv, fe):
         await send_with(fe, HEADER.pack(FrontendReq.SET_VRING_NUM, 1, 4097) + bytes(64), ["eventfd"])
         await expect_dropped(fe)
     assert logged(warnings_log, "payload size above 4096", "4097"), log_lines(warnings_log)
@@ -617,7 +630,7 @@ async def test_mem_table_with_memfd_smaller_than_region(warnings_log: pytest.Log
 async def test_mem_table_with_nine_regions(warnings_log: pytest.LogCaptureFixture) -> None:
     regions = b"".join(MemoryRegion(i * MiB, MiB, FRONTEND_VA_BASE + i * MiB, 0).pack() for i in range(9))
     table = struct.pack("=II", 9, 0) + regions
-    async with session() as (srv, fe):
+    async with session() as (_srv, fe):
         # Eight fds (the most one message may carry): the request fails, the connection stays.
         assert await ack_of(fe, FrontendReq.SET_MEM_TABLE, table, [f"memfd:{MiB}"] * 8) == 1
         assert await fe.get_features()
@@ -627,7 +640,7 @@ async def test_mem_table_with_nine_regions(warnings_log: pytest.LogCaptureFixtur
 async def test_mem_table_with_nine_fds_drops_the_connection(warnings_log: pytest.LogCaptureFixture) -> None:
     regions = b"".join(MemoryRegion(i * MiB, MiB, FRONTEND_VA_BASE + i * MiB, 0).pack() for i in range(9))
     table = struct.pack("=II", 9, 0) + regions
-    async with session() as (srv, fe):
+    async with session() as (_srv, fe):
         await send_with(fe, HEADER.pack(FrontendReq.SET_MEM_TABLE, 9, len(table)) + table, [f"memfd:{MiB}"] * 9)
         await expect_dropped(fe)
     # The kernel delivers the eight that fit and truncates: the count the server names.
@@ -635,7 +648,7 @@ async def test_mem_table_with_nine_fds_drops_the_connection(warnings_log: pytest
 
 
 async def test_kick_for_ring_255(warnings_log: pytest.LogCaptureFixture) -> None:
-    async with session() as (srv, fe):
+    async with session() as (_srv, fe):
         assert await ack_of(fe, FrontendReq.SET_VRING_KICK, VringFd(255).pack(), ["eventfd"]) == 1
         assert await fe.get_features()
     assert logged(warnings_log, "SET_VRING_KICK", "ring index out of range", "value=255"), log_lines(warnings_log)
@@ -659,7 +672,7 @@ async def test_ring_address_outside_memory_fails_the_start(warnings_log: pytest.
 
 
 async def test_get_vring_base_on_a_never_started_ring(warnings_log: pytest.LogCaptureFixture) -> None:
-    async with session() as (srv, fe):
+    async with session() as (_srv, fe):
         await fe.set_vring_base(0, 42)
         assert await fe.get_vring_base(0) == 42           # legal: answers the stored base
         raw = await fe.call(FrontendReq.GET_VRING_BASE, VringState(7, 0).pack())
@@ -702,7 +715,7 @@ async def test_second_mem_table_while_rings_run(warnings_log: pytest.LogCaptureF
 
 
 async def test_set_features_with_bits_never_offered(warnings_log: pytest.LogCaptureFixture) -> None:
-    async with session("blk") as (srv, fe):
+    async with session("blk") as (_srv, fe):
         offered = await fe.get_features()
         assert not offered & (1 << 63)
         assert await ack_of(fe, FrontendReq.SET_FEATURES, U64(offered | (1 << 63)).pack()) == 1
@@ -711,7 +724,7 @@ async def test_set_features_with_bits_never_offered(warnings_log: pytest.LogCapt
 
 
 async def test_reply_flag_from_the_frontend_drops_the_connection(warnings_log: pytest.LogCaptureFixture) -> None:
-    async with session() as (srv, fe):
+    async with session() as (_srv, fe):
         flags = HeaderFlag.VERSION_1 | HeaderFlag.REPLY
         await send_with(fe, HEADER.pack(FrontendReq.GET_FEATURES, flags, 0), ["eventfd"])
         await expect_dropped(fe)
@@ -776,3 +789,30 @@ async def test_unpollable_kick_fd_on_a_running_ring_leaks_nothing(
         srv.assert_alive()
         assert logged(warnings_log, "SET_VRING_KICK"), log_lines(warnings_log)
         assert_same_fds(idle, "after a refused kick fd")
+
+
+async def test_cancel_right_after_a_disconnect_stops_the_server() -> None:
+    """SIGTERM (the task cancelled) at any loop iteration around a disconnect stops the server."""
+    stuck = []
+    for delay in range(12):
+        tmp = tempfile.mkdtemp(prefix="vdev-fz-", dir="/tmp")
+        path = os.path.join(tmp, "s")
+        device = RngDevice()
+        task = asyncio.get_running_loop().create_task(serve(device, path))
+        try:
+            async with asyncio.timeout(5):
+                while device.runtime is None or not device.runtime.server.ready.is_set():  # type: ignore[attr-defined]
+                    await asyncio.sleep(0.001)
+            fe = await Frontend.connect(path, timeout=2.0)
+            await fe.get_features()
+            await fe.close()
+            for _ in range(delay):           # that many loop iterations after the front-end left
+                await asyncio.sleep(0)
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if not done:
+                stuck.append(delay)
+        finally:
+            await stop(task)                 # cancels again if the first one was swallowed
+            shutil.rmtree(tmp, ignore_errors=True)
+    assert not stuck, f"cancellation ignored when it came {stuck} loop iterations after the disconnect"

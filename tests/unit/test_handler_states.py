@@ -30,17 +30,23 @@ import stat
 import struct
 from collections.abc import Sequence
 
-import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
 
 from vdev.errors import GuestError
 from vhost_user.errors import Unsupported
-from vhost_user.handler import HANDLER_PROTOCOL_FEATURES, BackendHandler, BackendHooks, RegionFd, Vring
+from vhost_user.handler import (
+    HANDLER_PROTOCOL_FEATURES,
+    BackendHandler,
+    BackendHooks,
+    RegionFd,
+    Vring,
+)
 from vhost_user.messages import (
     FRONTEND_REQUESTS,
     HEADER,
+    U64,
     VHOST_USER_F_PROTOCOL_FEATURES,
     ConfigFlag,
     ConfigSpace,
@@ -50,12 +56,17 @@ from vhost_user.messages import (
     MemoryTable,
     ProtocolFeature,
     SingleMemoryRegion,
-    U64,
     VringAddr,
     VringFd,
     VringState,
 )
-from vhost_user.session import NEED_DATA, BackendSession, InvalidMessage, Message, encode
+from vhost_user.session import (
+    NEED_DATA,
+    BackendSession,
+    InvalidMessage,
+    Message,
+    encode,
+)
 
 NUM_QUEUES = 2
 MAX_QUEUE_SIZE = 256
