@@ -37,7 +37,7 @@ from .messages import (
     VringFd,
     VringState,
 )
-from .server import _readable, recv_with_fds, send_with_fds
+from .server import recv_with_fds, send_message, wait_fd
 from .session import NEED_DATA, BackendChannelSession, FrontendSession, Message, RawMessage, close_fds, encode
 
 log = logging.getLogger("vhost_user.frontend")
@@ -84,12 +84,12 @@ class Frontend:
     async def send(self, request: FrontendReq, payload: bytes = b"", fds: Sequence[int] = (),
                    *, need_reply: bool = False) -> None:
         """Send a request without waiting for anything."""
-        send_with_fds(self.sock, self.session.request(request, payload, need_reply=need_reply),
-                      tuple(fds))
+        await send_message(self.sock, self.session.request(request, payload, need_reply=need_reply),
+                           tuple(fds))
 
     async def send_raw(self, data: bytes, fds: Sequence[int] = ()) -> None:
         """Send arbitrary bytes (for tests that feed malformed messages)."""
-        send_with_fds(self.sock, data, tuple(fds))
+        await send_message(self.sock, data, tuple(fds))
 
     async def read_reply(self, request: FrontendReq | int, timeout: float = 10.0) -> RawMessage:
         loop = asyncio.get_running_loop()
@@ -103,7 +103,7 @@ class Frontend:
                         raise ProtocolError("reply to the wrong request", request=int(request),
                                             value=raw.request, fatal=True)
                     return raw
-                await _readable(loop, self.sock.fileno())
+                await wait_fd(loop, self.sock.fileno())
                 try:
                     data, fds = recv_with_fds(self.sock)
                 except BlockingIOError:
@@ -247,7 +247,7 @@ class Frontend:
             while True:
                 event = session.next_event()
                 if event is NEED_DATA:
-                    await _readable(loop, chan.fileno())
+                    await wait_fd(loop, chan.fileno())
                     try:
                         data, fds = recv_with_fds(chan)
                     except BlockingIOError:
@@ -259,12 +259,12 @@ class Frontend:
                 if isinstance(event, Message):
                     log.debug("back-end request %s", event.request.name)
                     if event.need_reply:
-                        send_with_fds(chan, encode(event.request, U64(0).pack(), flags=HeaderFlag.REPLY))
+                        await send_message(chan, encode(event.request, U64(0).pack(), flags=HeaderFlag.REPLY))
                     await self.backend_requests.put(event)
                 else:
                     log.warning("invalid back-end request: %s", event.error)
                     if event.need_reply:
-                        send_with_fds(chan, encode(event.request, U64(1).pack(), flags=HeaderFlag.REPLY))
+                        await send_message(chan, encode(event.request, U64(1).pack(), flags=HeaderFlag.REPLY))
         finally:
             session.close()
 

@@ -66,34 +66,43 @@ def recv_with_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
     return data, fds
 
 
-def send_with_fds(sock: socket.socket, data: bytes, fds: tuple[int, ...] | list[int] = ()) -> None:
-    """Send a whole message; fds ride on its first byte."""
+async def wait_fd(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool = False) -> None:
+    """Wait until ``fd`` is readable (or writable, with ``write=True``)."""
+    fut: asyncio.Future[None] = loop.create_future()
+    add, remove = (loop.add_writer, loop.remove_writer) if write else (loop.add_reader, loop.remove_reader)
+    add(fd, lambda: fut.done() or fut.set_result(None))
+    try:
+        await fut
+    finally:
+        remove(fd)
+
+
+async def send_message(sock: socket.socket, data: bytes, fds: tuple[int, ...] | list[int] = (),
+                       *, timeout: float = SEND_TIMEOUT) -> None:
+    """Send a whole message on a non-blocking socket without blocking the loop.
+
+    The fds ride on the first byte.  A peer that does not read fills the
+    socket buffer; then we wait for it to drain, up to ``timeout``, and raise
+    a fatal ProtocolError if it never does.
+    """
+    loop = asyncio.get_running_loop()
     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
-    sent = sock.sendmsg([data], anc)
-    if sent < len(data):   # replies are small; a partial send means a full socket buffer
-        sock.setblocking(True)
+    view = memoryview(data)
+    deadline = loop.time() + timeout
+    while view:
         try:
-            sock.sendall(data[sent:])
-        finally:
-            sock.setblocking(False)
-
-
-async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
-    fut: asyncio.Future[None] = loop.create_future()
-    loop.add_writer(fd, lambda: fut.done() or fut.set_result(None))
-    try:
-        await fut
-    finally:
-        loop.remove_writer(fd)
-
-
-async def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
-    fut: asyncio.Future[None] = loop.create_future()
-    loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
-    try:
-        await fut
-    finally:
-        loop.remove_reader(fd)
+            n = sock.sendmsg([view], anc)
+        except BlockingIOError:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise ProtocolError("peer does not read its messages", fatal=True,
+                                    value=f"{len(view)} bytes unsent") from None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await wait_fd(loop, sock.fileno(), write=True)
+            continue
+        anc = []          # the fds went with the first byte
+        view = view[n:]
 
 
 class Connection:
@@ -113,7 +122,7 @@ class Connection:
             while True:
                 event = self.session.next_event()
                 if event is NEED_DATA:
-                    await _readable(loop, self.sock.fileno())
+                    await wait_fd(loop, self.sock.fileno())
                     try:
                         data, fds = recv_with_fds(self.sock)
                     except (BlockingIOError, InterruptedError):
@@ -160,33 +169,9 @@ class Connection:
         reply = self.handler.handle(msg)
         if reply is not None:
             log.debug("-> reply %d bytes", len(reply.data))
-            await self._send(reply.data, reply.fds)
-
-    async def _send(self, data: bytes, fds: tuple[int, ...]) -> None:
-        """Send a reply without blocking the loop.
-
-        A front-end that pipelines requests without reading fills our socket
-        buffer; then we wait until it reads (up to `SEND_TIMEOUT`), and drop
-        the connection if it never does.
-        """
-        loop = asyncio.get_running_loop()
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
-        view = memoryview(data)
-        deadline = loop.time() + SEND_TIMEOUT
-        while view:
-            try:
-                n = self.sock.sendmsg([view], anc)
-            except BlockingIOError:
-                left = deadline - loop.time()
-                if left <= 0:
-                    raise ProtocolError("front-end does not read its replies", fatal=True,
-                                        value=f"{len(view)} bytes unsent") from None
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(left):
-                        await _writable(loop, self.sock.fileno())
-                continue
-            anc = []          # the fds went with the first byte
-            view = view[n:]
+            # A front-end that pipelines without reading makes this wait (up
+            # to SEND_TIMEOUT) instead of failing or blocking the loop.
+            await send_message(self.sock, reply.data, reply.fds)
 
     async def backend_request(self, request: BackendReq, payload: bytes = b"") -> int | None:
         """Send a back-end request (e.g. CONFIG_CHANGE_MSG); return the ack value if one was asked.

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from vhost_user.server import recv_with_fds, send_with_fds  # noqa: E402
+from vhost_user.server import recv_with_fds, send_message  # noqa: E402
 from vdev.testing.guest import build_guest_image, run_in_guest  # noqa: E402
 
 DEVICES = {
@@ -55,10 +55,7 @@ async def pump(loop: asyncio.AbstractEventLoop, src: socket.socket, dst: socket.
             return
         log.append(f"{direction} {len(fds)} {data.hex()}")
         try:
-            src_blocking = dst.getblocking()
-            dst.setblocking(True)
-            send_with_fds(dst, data, fds)
-            dst.setblocking(src_blocking)
+            await send_message(dst, data, fds)
         finally:
             for fd in fds:
                 os.close(fd)
