@@ -696,87 +696,88 @@ async def test_pause_waits_for_requests_on_storage(faulty: FaultyStorage) -> Non
         device.resume()
 
 
-async def test_daemon_stops_while_paused(faulty: FaultyStorage, short_dir: str) -> None:
-    # SIGTERM cancels serve(); requests held at the pause gate must not keep it alive
-    device = BlkDevice(faulty)
+@contextlib.asynccontextmanager
+async def served(device: BlkDevice, short_dir: str) -> AsyncIterator[tuple[str, asyncio.Task[None]]]:
+    """Serve ``device`` on a socket in ``short_dir``; the server is always stopped (within 5 s)."""
     path = os.path.join(short_dir, "vhost.sock")
     server = asyncio.create_task(serve(device, path))
     try:
-        vm = await VirtioFrontend.start(path)
-        try:
-            await device.pause()
-            vm.post(0, read_req(0, SECTOR))
-            await asyncio.sleep(0.05)
-        finally:
-            await vm.close()
-        server.cancel()
-        done, _ = await asyncio.wait({server}, timeout=3)
-        assert server in done, "serve() did not end within 3 s of being cancelled while paused"
-        assert faulty.calls["read"] == 0
+        yield path, server
     finally:
-        device.resume()
         server.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(server, 5)
+
+
+async def test_daemon_stops_while_paused(faulty: FaultyStorage, short_dir: str) -> None:
+    # SIGTERM cancels serve(); requests held at the pause gate must not keep it alive
+    device = BlkDevice(faulty)
+    async with served(device, short_dir) as (path, server):
+        try:
+            vm = await VirtioFrontend.start(path)
+            try:
+                await device.pause()
+                vm.post(0, read_req(0, SECTOR))
+                await asyncio.sleep(0.05)
+            finally:
+                await vm.close()
+            server.cancel()
+            done, _ = await asyncio.wait({server}, timeout=3)
+            assert server in done, "serve() did not end within 3 s of being cancelled while paused"
+            assert faulty.calls["read"] == 0
+        finally:
+            device.resume()
 
 
 async def test_cancel_while_draining_a_disconnect_still_cleans_up(faulty: FaultyStorage,
                                                                   short_dir: str) -> None:
     device = BlkDevice(faulty)
-    path = os.path.join(short_dir, "vhost.sock")
-    server = asyncio.create_task(serve(device, path))
-    try:
-        vm = await VirtioFrontend.start(path)
+    async with served(device, short_dir) as (path, server):
         try:
-            await vm.fe.set_config(32, b"\x00")       # writethrough: a reset puts it back to 1
-            assert device.wce == 0 and device.acked_features
-            faulty.pause("read")
-            vm.post(0, read_req(0, SECTOR))          # stuck on storage
-            await until(lambda: faulty.calls["read"] == 1)
+            vm = await VirtioFrontend.start(path)
+            try:
+                await vm.fe.set_config(32, b"\x00")       # writethrough: a reset puts it back to 1
+                assert device.wce == 0 and device.acked_features
+                faulty.pause("read")
+                vm.post(0, read_req(0, SECTOR))          # stuck on storage
+                await until(lambda: faulty.calls["read"] == 1)
+            finally:
+                await vm.close()
+            await asyncio.sleep(0.05)                    # the connection now drains the stuck read
+            server.cancel()                              # SIGTERM
+            done, _ = await asyncio.wait({server}, timeout=3)
+            assert server in done
+            # the connection's end ran in full: the device was reset
+            assert (device.acked_features, device.wce) == (0, 1)
         finally:
-            await vm.close()
-        await asyncio.sleep(0.05)                    # the connection now drains the stuck read
-        server.cancel()                              # SIGTERM
-        done, _ = await asyncio.wait({server}, timeout=3)
-        assert server in done
-        # the connection's end ran in full: the device was reset
-        assert (device.acked_features, device.wce) == (0, 1)
-    finally:
-        faulty.resume()
-        server.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait_for(server, 5)
+            faulty.resume()
 
 
 async def test_reconnect_while_paused(faulty: FaultyStorage, short_dir: str) -> None:
     device = BlkDevice(faulty)
-    path = os.path.join(short_dir, "vhost.sock")
-    server = asyncio.create_task(serve(device, path))
-    try:
-        vm = await VirtioFrontend.start(path)
+    async with served(device, short_dir) as (path, server):
         try:
-            await device.pause()
-            vm.post(0, read_req(0, SECTOR))        # held at the gate, never reaches storage
-            await asyncio.sleep(0.05)
+            vm = await VirtioFrontend.start(path)
+            try:
+                await device.pause()
+                vm.post(0, read_req(0, SECTOR))        # held at the gate, never reaches storage
+                await asyncio.sleep(0.05)
+            finally:
+                await vm.close()
+            # the VMM restarts and reconnects while the operator still holds I/O
+            try:
+                vm = await asyncio.wait_for(VirtioFrontend.start(path, timeout=1), 3)
+            except (ConnectionError, TimeoutError) as exc:
+                pytest.fail(f"reconnect refused while paused: {exc!r}")
+            try:
+                assert (await config(vm))["capacity"] == DISK // SECTOR
+                device.resume()
+                await write_ok(vm, 0, pattern(SECTOR))
+                assert await read_ok(vm, 0, SECTOR) == pattern(SECTOR)
+            finally:
+                await vm.close()
         finally:
-            await vm.close()
-        # the VMM restarts and reconnects while the operator still holds I/O
-        try:
-            vm = await asyncio.wait_for(VirtioFrontend.start(path, timeout=1), 3)
-        except (ConnectionError, TimeoutError) as exc:
-            pytest.fail(f"reconnect refused while paused: {exc!r}")
-        try:
-            assert (await config(vm))["capacity"] == DISK // SECTOR
             device.resume()
-            await write_ok(vm, 0, pattern(SECTOR))
-            assert await read_ok(vm, 0, SECTOR) == pattern(SECTOR)
-        finally:
-            await vm.close()
-    finally:
-        device.resume()
-        server.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait_for(server, 5)
 
 
 # ---- control socket --------------------------------------------------------------------------------------
