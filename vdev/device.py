@@ -290,15 +290,13 @@ class DeviceRuntime(BackendHooks):
         # Watch the new fd before dropping the old one: if the loop refuses it
         # (epoll cannot watch a regular file), nothing has changed.
         old = self.kick_fds.get(index)
-        if fd is not None and fd != old:
-            os.set_blocking(fd, False)
-            self.loop.add_reader(fd, self._on_kick, index, fd)
-        if old is not None and old != fd:
-            self.loop.remove_reader(old)
-        if fd is None:
-            self.kick_fds.pop(index, None)
-        else:
-            self.kick_fds[index] = fd
+        if fd != old:
+            if fd is None:
+                del self.kick_fds[index]
+            else:
+                self._watch_kick(index, fd)
+            if old is not None:
+                self.loop.remove_reader(old)
         self.schedule(index)
 
     def get_config(self, offset: int, size: int) -> bytes:
@@ -322,9 +320,10 @@ class DeviceRuntime(BackendHooks):
     # -- kicks and calls ---------------------------------------------------------------
 
     def _watch_kick(self, index: int, fd: int) -> None:
+        """Watch ``fd`` for kicks; recorded only once the loop has accepted it."""
         os.set_blocking(fd, False)
-        self.kick_fds[index] = fd
         self.loop.add_reader(fd, self._on_kick, index, fd)
+        self.kick_fds[index] = fd
 
     def _unwatch_kick(self, index: int) -> None:
         fd = self.kick_fds.pop(index, None)
