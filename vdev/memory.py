@@ -25,6 +25,7 @@ import bisect
 import contextlib
 import errno
 import mmap
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NewType, Protocol, runtime_checkable
@@ -50,6 +51,35 @@ class GuestMemory(Protocol):
     def read(self, gpa: int, length: int) -> bytes: ...
 
     def write(self, gpa: int, data: bytes | memoryview) -> None: ...
+
+
+# -- ring fields: one load or store of the field's width ----------------------------
+#
+# The driver reads and writes ring fields while we do (virtio 1.2 §2.7.13), so
+# each must be accessed in one go.  ``struct.pack_into`` zeroes its target and
+# then stores byte by byte: a driver could read ``used.idx == 0`` in between.
+# A ``memoryview.cast`` item access is one load or store of the item's width
+# (CPython copies it with a fixed-size memcpy, which the compiler turns into a
+# single mov).  Virtio is little-endian, and so is every host we run on.
+assert sys.byteorder == "little", "vdev's ring access assumes a little-endian host"
+
+
+def load_u16(mem: GuestMemory, gpa: int) -> int:
+    """One 16-bit load of the ring field at ``gpa``."""
+    value: int = mem.view(gpa, 2).cast("H")[0]
+    return value
+
+
+def store_u16(mem: GuestMemory, gpa: int, value: int) -> None:
+    """One 16-bit store of ``value`` into the ring field at ``gpa``."""
+    mem.view(gpa, 2).cast("H")[0] = value & 0xFFFF
+
+
+def store_u32_pair(mem: GuestMemory, gpa: int, first: int, second: int) -> None:
+    """Two 32-bit stores at ``gpa`` and ``gpa + 4`` (a used-ring element: id, len)."""
+    v = mem.view(gpa, 8).cast("I")
+    v[0] = first
+    v[1] = second
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,12 @@ index that is itself out of range, or an avail index that jumped by more
 than the queue size, leaves the queue `broken`, because nothing valid can be
 written back for it.
 
+Every shared ring field (avail/used ``idx`` and ``flags``, used elements,
+``used_event``/``avail_event``) is loaded or stored in one access of its
+natural width (`vdev.memory.load_u16` and friends): the driver touches them
+while we do, and a store split into bytes lets it see a value that was never
+written (a ``used.idx`` of 0 made a driver take stale heads).
+
 Memory ordering: the device reads ``avail.idx`` before the ring entries it
 covers, and writes used elements before ``used.idx``.  CPython performs the
 loads and stores in program order and x86 keeps load-load and store-store
@@ -46,7 +52,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .errors import GuestError
-from .memory import GuestMemory
+from .memory import GuestMemory, load_u16, store_u16, store_u32_pair
 from .uapi.virtio import (
     DESC_SIZE,
     USED_ELEM_SIZE,
@@ -57,9 +63,7 @@ from .uapi.virtio import (
     VIRTQ_USED_F_NO_NOTIFY,
 )
 
-_U16 = struct.Struct("<H")
 _DESC = struct.Struct("<QIHH")
-_USED_ELEM = struct.Struct("<II")
 
 _fence_lock = threading.Lock()
 
@@ -227,11 +231,10 @@ class Queue:
 
     # -- ring fields -------------------------------------------------------------
 
-    def _u16(self, mem: GuestMemory, gpa: int) -> int:
-        return _U16.unpack(mem.view(gpa, 2))[0]
-
-    def _put_u16(self, mem: GuestMemory, gpa: int, value: int) -> None:
-        _U16.pack_into(mem.view(gpa, 2), 0, value & 0xFFFF)
+    # Every ring field is loaded or stored in one access of its width (see
+    # vdev.memory.load_u16): the driver reads and writes them concurrently.
+    _u16 = staticmethod(load_u16)
+    _put_u16 = staticmethod(store_u16)
 
     def avail_idx(self, mem: GuestMemory) -> int:
         return self._u16(mem, self.avail + 2)
@@ -353,7 +356,7 @@ class Queue:
         if not 0 <= head < self.size:
             raise ValueError(f"head {head} out of range for queue size {self.size}")
         elem = self.used + 4 + USED_ELEM_SIZE * (self.next_used % self.size)
-        _USED_ELEM.pack_into(mem.view(elem, USED_ELEM_SIZE), 0, head, length)
+        store_u32_pair(mem, elem, head, length)
         # The element is stored before the index (store-store order holds on x86).
         self.next_used = (self.next_used + 1) & 0xFFFF
         self._put_u16(mem, self.used + 2, self.next_used)

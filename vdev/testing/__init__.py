@@ -36,7 +36,7 @@ from vhost_user.messages import (
 )
 
 from ..device import Device, serve
-from ..memory import MappedRegion, RegionTable
+from ..memory import MappedRegion, RegionTable, load_u16, store_u16
 from ..uapi.virtio import (
     DESC_SIZE,
     VIRTQ_DESC_F_INDIRECT,
@@ -48,7 +48,6 @@ from ..uapi.virtio import (
 __all__ = ["Buffer", "DriverQueue", "FakeGuestMemory", "MemfdGuestMemory", "Used",
            "VirtioFrontend", "device_pair"]
 
-_U16 = struct.Struct("<H")
 _DESC = struct.Struct("<QIHH")
 _USED = struct.Struct("<II")
 
@@ -171,6 +170,8 @@ class DriverQueue:
     """The driver side of a split virtqueue, laid out in ``mem`` at ``base``.
 
     Buffers are allocated from ``[data_start, data_start + data_size)``.
+    Ring fields are stored and loaded in one access of their width, as a real
+    driver does, so a device under test may read them concurrently.
     """
 
     def __init__(self, mem: RegionTable, size: int, base: int, *, data_start: int, data_size: int,
@@ -202,31 +203,31 @@ class DriverQueue:
 
     def publish(self, head: int) -> None:
         """Put ``head`` on the avail ring and bump avail.idx."""
-        self.mem.write(self.avail + 4 + 2 * (self.avail_idx % self.size), _U16.pack(head))
+        store_u16(self.mem, self.avail + 4 + 2 * (self.avail_idx % self.size), head)
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
-        self.mem.write(self.avail + 2, _U16.pack(self.avail_idx))
+        store_u16(self.mem, self.avail + 2, self.avail_idx)
 
     def set_avail_idx(self, value: int) -> None:
         self.avail_idx = value & 0xFFFF
-        self.mem.write(self.avail + 2, _U16.pack(self.avail_idx))
+        store_u16(self.mem, self.avail + 2, self.avail_idx)
 
     def set_used_event(self, value: int) -> None:
-        self.mem.write(self.avail + 4 + 2 * self.size, _U16.pack(value & 0xFFFF))
+        store_u16(self.mem, self.avail + 4 + 2 * self.size, value)
 
     def set_avail_flags(self, flags: int) -> None:
-        self.mem.write(self.avail, _U16.pack(flags))
+        store_u16(self.mem, self.avail, flags)
 
     @property
     def avail_event(self) -> int:
-        return _U16.unpack(self.mem.read(self.used + 4 + 8 * self.size, 2))[0]
+        return load_u16(self.mem, self.used + 4 + 8 * self.size)
 
     @property
     def used_flags(self) -> int:
-        return _U16.unpack(self.mem.read(self.used, 2))[0]
+        return load_u16(self.mem, self.used)
 
     @property
     def used_idx(self) -> int:
-        return _U16.unpack(self.mem.read(self.used + 2, 2))[0]
+        return load_u16(self.mem, self.used + 2)
 
     # -- posting and reaping ---------------------------------------------------------------
 
