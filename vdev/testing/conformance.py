@@ -151,8 +151,17 @@ def _scenarios() -> Any:
                          st.booleans())
         chain = st.tuples(st.just("chain"), st.integers(0, size - 1), st.lists(link, min_size=1,
                                                                                max_size=size))
+        # The shape of a virtio-blk request gone wrong: header, a data buffer
+        # outside memory or readable after writable, then a sound status byte.
+        broken_request = st.tuples(st.just("chain"), st.integers(0, size - 1), st.tuples(
+            st.just((0x1000, 16, False)),
+            st.sampled_from([(0x7FF8, 0x800, True), (0x9000, 16, False), ((1 << 64) - 8, 16, True),
+                             (0x1800, 16, False)]),
+            st.sampled_from([(0x2FF0, 1, True), (0x7FF8, 16, True), (0x1010, 0, True)])).map(list))
+        if size < 3:
+            broken_request = chain
         op = st.one_of(
-            chain, chain,
+            chain, chain, broken_request,
             st.tuples(st.just("desc"), st.integers(0, size - 1), desc),
             st.tuples(st.just("table"), st.integers(0, size + 1), desc),
             st.tuples(st.just("publish"), st.one_of(st.integers(0, size - 1), st.just(size),
