@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from ._native import ffi, lib
 
@@ -46,6 +47,11 @@ class LatencyHistogram:
         """Copy a live ``struct vd_hist *`` (relaxed loads; the writer keeps going)."""
         out = ffi.new("struct vd_hist *")
         lib.vd_hist_snapshot(hist, out)
+        return cls.from_cdata(out)
+
+    @classmethod
+    def from_cdata(cls, out: Any) -> LatencyHistogram:
+        """From a ``struct vd_hist`` copy that no one writes any more."""
         total = sum(out.count)
         return cls(tuple(out.count), total, int(out.sum_ns),
                    0 if total == 0 else int(out.min_ns), int(out.max_ns))

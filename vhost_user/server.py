@@ -31,7 +31,7 @@ import stat
 from collections.abc import Awaitable, Callable
 
 from .errors import ProtocolError, Unsupported
-from .handler import BackendHandler, BackendHooks
+from .handler import BackendHandler, BackendHooks, Reply
 from .messages import MAX_FDS, U64, BackendReq, FrontendReq, HeaderFlag
 from .session import NEED_DATA, BackendSession, Framer, InvalidMessage, Message, close_fds
 
@@ -41,7 +41,7 @@ _RECV_SIZE = 65536
 _CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 #: Requests before which in-flight device work must finish.
 _DRAIN_BEFORE = {FrontendReq.GET_VRING_BASE, FrontendReq.RESET_DEVICE, FrontendReq.SET_MEM_TABLE,
-                 FrontendReq.REM_MEM_REG, FrontendReq.RESET_OWNER}
+                 FrontendReq.ADD_MEM_REG, FrontendReq.REM_MEM_REG, FrontendReq.RESET_OWNER}
 #: How long to wait for the front-end's ack on the back-end channel.
 BACKEND_ACK_TIMEOUT = 5.0
 #: How long a reply may wait for a front-end that does not read.
@@ -156,9 +156,7 @@ class Connection:
                 self.sock.close()
 
     async def _drain(self, index: int | None) -> None:
-        drain = getattr(self.handler.hooks, "drain", None)
-        if drain is not None:
-            await drain(index)
+        await self.handler.hooks.drain(index)
 
     async def _dispatch(self, msg: Message | InvalidMessage) -> None:
         if isinstance(msg, Message):
@@ -166,7 +164,17 @@ class Connection:
             if msg.request in _DRAIN_BEFORE:
                 index = getattr(msg.payload, "index", None)
                 await self._drain(index if msg.request is FrontendReq.GET_VRING_BASE else None)
-        reply = self.handler.handle(msg)
+                try:
+                    reply = self.handler.handle(msg)
+                finally:
+                    # Whatever the request did, the rings it quieted run again
+                    # (a stopped one stays stopped).
+                    self.handler.hooks.resume()
+                await self._reply(reply)
+                return
+        await self._reply(self.handler.handle(msg))
+
+    async def _reply(self, reply: Reply | None) -> None:
         if reply is not None:
             log.debug("-> reply %d bytes", len(reply.data))
             # A front-end that pipelines without reading makes this wait (up

@@ -39,6 +39,15 @@ uint8_t *vd_mem_translate(const struct vd_mem *m, uint64_t gpa, uint64_t len)
     return r->host + off;
 }
 
+uint64_t vd_mem_span(const struct vd_mem *m, uint64_t gpa, uint8_t **host)
+{
+    const struct vd_region *r = find_region(m, gpa);
+    if (r == NULL)
+        return 0;
+    *host = r->host + (gpa - r->gpa);
+    return r->size - (gpa - r->gpa);
+}
+
 int vd_mem_check(const struct vd_mem *m, uint64_t gpa, uint64_t len)
 {
     while (len > 0) {

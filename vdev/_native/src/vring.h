@@ -116,6 +116,8 @@ struct vd_vring {
 
 /* Region lookup: host pointer of [gpa, gpa+len) if it lies in one region, else NULL. */
 uint8_t *vd_mem_translate(const struct vd_mem *m, uint64_t gpa, uint64_t len);
+/* Bytes from gpa to the end of the region holding it (0 if none); *host is set. */
+uint64_t vd_mem_span(const struct vd_mem *m, uint64_t gpa, uint8_t **host);
 /* 0 if [gpa, gpa+len) is all guest memory (it may cross adjacent regions), else -1. */
 int vd_mem_check(const struct vd_mem *m, uint64_t gpa, uint64_t len);
 
