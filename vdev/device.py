@@ -170,6 +170,9 @@ class Device(abc.ABC):
         to serve it on the event loop with `process_queue`."""
         return None
 
+    def engine_retired(self, index: int, engine: NativeEngine) -> None:
+        """The native engine of queue ``index`` stopped (its counters are final)."""
+
     def bad_chain(self, vq: VirtQueue, error: GuestError) -> int:
         """A malformed chain is about to go back to the driver; return the used length.
 
@@ -327,6 +330,7 @@ class DeviceRuntime(BackendHooks):
         if engine is not None:
             try:
                 next_avail, _ = engine.stop()
+                self.device.engine_retired(index, engine)
             finally:
                 engine.close()
             log.info("%s: queue %d stopped at avail %d", self.device.name, index, next_avail)

@@ -63,19 +63,18 @@ def _dup(fd: int | None) -> int:
 class NativeEngine:
     """One C queue engine (``struct vd_engine``), created by a device."""
 
-    def __init__(self, cdata: Any, *, keep: object = None) -> None:
+    def __init__(self, cdata: Any, *, poll_us: int = 0) -> None:
         if cdata == ffi.NULL:
             err = ffi.errno
             raise VdevError(f"cannot create a native queue engine: {os.strerror(err)}")
         self._e: Any = cdata
-        self._keep = keep            # what the C engine points at (storage, config)
+        self.poll_us = poll_us
         self._mem: NativeMemory | None = None
         self.index = -1
         self.started = False
         self.stopped = False
 
-    def start(self, mem: NativeMemory, spec: RingSpec, kick_fd: int | None, call_fd: int | None,
-              *, poll_us: int = 0) -> None:
+    def start(self, mem: NativeMemory, spec: RingSpec, kick_fd: int | None, call_fd: int | None) -> None:
         """Set up the ring and the (held) worker.
 
         Raises:
@@ -85,7 +84,7 @@ class NativeEngine:
         kick, call = _dup(kick_fd), _dup(call_fd)
         rc = lib.vd_engine_start(self._e, mem.cdata, spec.size, spec.index, spec.desc, spec.avail,
                                  spec.used, spec.next_avail & 0xFFFF, spec.next_used & 0xFFFF,
-                                 spec.event_idx, spec.indirect, kick, call, poll_us)
+                                 spec.event_idx, spec.indirect, kick, call, self.poll_us)
         if rc:
             for fd in (kick, call):
                 if fd >= 0:
@@ -127,6 +126,7 @@ class NativeEngine:
         lib.vd_engine_set_kick(self._e, _dup(fd))
 
     def set_poll(self, poll_us: int) -> None:
+        self.poll_us = poll_us
         lib.vd_engine_set_poll(self._e, poll_us)
 
     def stop(self) -> tuple[int, int]:
