@@ -652,8 +652,16 @@ class NbdStorage(Storage):
             raise self._reply_error(op, err, offset, length)
 
     def _reply_error(self, op: str, err: int, offset: int, length: int) -> DeviceError:
-        code = P.NBD_ERRNO.get(err, err)
-        cause = OSError(code, os.strerror(code))
+        code = P.NBD_ERRNO.get(err)
+        if code is not None:
+            cause = OSError(code, os.strerror(code))
+        else:
+            # proto.md "Error values": only the listed numbers are defined.
+            # Any other (up to 2**32 - 1, beyond a C int, so no strerror)
+            # is an I/O error that names the number the server sent.
+            cause = OSError(errno.EIO, f"NBD error {err} ({err:#x}), not defined by the protocol")
+            return DeviceError(f"NBD {op} on {self.url} failed with unknown NBD error {err}",
+                               status=STATUS_IOERR, value=(offset, length), cause=cause)
         if err == P.NBD_ESHUTDOWN:
             # The spec wants a soft disconnect from us now.
             log.warning("%s: server is shutting down; disconnecting", self.url)
