@@ -235,6 +235,10 @@ class BlkDevice(Device):
         self.storage = storage
         self.read_only = read_only or storage.read_only
         self.capacity = storage.size // SECTOR * SECTOR
+        # virtio 1.2 §5.2.4 blk_size: the storage's logical block (4096 on a
+        # 4K-sector disk under O_DIRECT), so a Linux guest never sends writes
+        # that need a read-modify-write.  Fixed at creation, like the features.
+        self.block_size = max(SECTOR, storage.block_size)
         self.serial = (serial if serial is not None else _default_serial(storage.url)).encode()
         if len(self.serial) > ID_BYTES:
             raise ValueError(f"serial {serial!r} is longer than {ID_BYTES} bytes")
@@ -292,7 +296,7 @@ class BlkDevice(Device):
             SIZE_MAX,                      # size_max
             self.seg_max,                  # seg_max
             0, 0, 0,                       # geometry: cylinders, heads, sectors (not offered)
-            SECTOR,                        # blk_size
+            self.block_size,               # blk_size (logical block, VIRTIO_BLK_F_BLK_SIZE)
             0, 0,                          # physical_block_exp, alignment_offset
             1,                             # min_io_size (in blk_size units)
             0,                             # opt_io_size
@@ -301,7 +305,7 @@ class BlkDevice(Device):
             self.num_queues,               # num_queues
             MAX_DISCARD_SECTORS,           # max_discard_sectors
             MAX_DISCARD_SEG,               # max_discard_seg
-            1,                             # discard_sector_alignment
+            self.block_size // SECTOR,     # discard_sector_alignment (512-byte sectors)
             MAX_WRITE_ZEROES_SECTORS,      # max_write_zeroes_sectors
             MAX_WRITE_ZEROES_SEG,          # max_write_zeroes_seg
             1,                             # write_zeroes_may_unmap
