@@ -104,8 +104,12 @@ def _storage_spec(url: str, *, read_only: bool) -> StorageSpec:
 def control_handlers(device: BlkDevice) -> dict[str, Any]:
     """The blk control commands (documented in README.md)."""
 
+    def described() -> dict[str, Any]:
+        # The device's fields plus the storage's own (an NBD connection's state).
+        return {**device.info(), **device.storage.status()}
+
     async def info(request: dict[str, Any]) -> dict[str, Any]:
-        return device.info()
+        return described()
 
     async def swap(request: dict[str, Any]) -> dict[str, Any]:
         url = request.get("backend")
@@ -120,18 +124,18 @@ def control_handlers(device: BlkDevice) -> dict[str, Any]:
             raise
         with contextlib.suppress(Exception):
             await asyncio.shield(old.aclose())
-        return {"previous": old.url, **device.info()}
+        return {"previous": old.url, **described()}
 
     async def resize(request: dict[str, Any]) -> dict[str, Any]:
         await device.refresh_capacity()
-        return device.info()
+        return described()
 
     async def pause(request: dict[str, Any]) -> dict[str, Any]:
         await device.pause()
-        return device.info()
+        return described()
 
     async def resume(request: dict[str, Any]) -> dict[str, Any]:
         device.resume()
-        return device.info()
+        return described()
 
     return {"info": info, "swap": swap, "resize": resize, "pause": pause, "resume": resume}

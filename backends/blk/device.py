@@ -81,6 +81,9 @@ class Status(enum.IntEnum):
     UNSUPP = 2
 
 
+#: Bound on pause/swap waiting for requests when the storage has no timeout of its own.
+QUIESCE_TIMEOUT = 30.0
+
 WRITE_ZEROES_F_UNMAP = 1
 #: The legacy BARRIER flag in bit 31 of the type; masked off as QEMU does.
 TYPE_BARRIER = 1 << 31
@@ -467,10 +470,37 @@ class BlkDevice(Device):
 
     # -- live storage changes ------------------------------------------------------------
 
+    async def _wait_idle(self, what: str) -> None:
+        """Wait until no request is on storage, bounded by the storage's own
+        request timeout (NBD's ?timeout=) or QUIESCE_TIMEOUT, plus a second.
+
+        Raises:
+            DeviceError: still busy at the bound (a storage that hangs).
+        """
+        bound = self.storage.request_timeout
+        bound = (QUIESCE_TIMEOUT if bound is None else bound) + 1.0
+        try:
+            async with asyncio.timeout(bound):
+                await self._idle.wait()
+        except TimeoutError:
+            raise DeviceError(f"{what} timed out: {self._executing} requests still on {self.storage.url} "
+                              f"after {bound:g} s; nothing changed", status=Status.IOERR,
+                              value=self._executing) from None
+
     async def pause(self) -> None:
-        """Hold new requests and wait until none is on storage (for a consistent copy)."""
+        """Hold new requests and wait until none is on storage (for a consistent copy).
+
+        Raises:
+            DeviceError: requests still on storage after its timeout (I/O is let go again).
+        """
+        was_paused = self.paused
         self._resumed.clear()
-        await self._idle.wait()
+        try:
+            await self._wait_idle("pause")
+        except DeviceError:
+            if not was_paused:
+                self._resumed.set()
+            raise
         log.info("blk: I/O paused")
 
     def resume(self) -> None:
@@ -495,12 +525,18 @@ class BlkDevice(Device):
         if new.read_only and not self.read_only:
             raise ValueError(f"cannot swap a writable disk to read-only storage {new.url!r}")
         async with self._swap_lock:
+            was_paused = self.paused
             self._resumed.clear()
+            swapped = False
             try:
-                await self._idle.wait()
+                # Bounded, so a hung storage fails the swap now rather than
+                # letting it take effect after the operator was told it failed.
+                await self._wait_idle("swap")
                 old, self.storage = self.storage, new
+                swapped = True
             finally:
-                self._resumed.set()
+                if swapped or not was_paused:
+                    self._resumed.set()
             log.info("blk: storage swapped: %s -> %s", old.url, new.url)
             await self._set_capacity(new.size)
             return old

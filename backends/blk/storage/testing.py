@@ -109,6 +109,13 @@ class FaultyStorage(Storage):
         return self.inner.supports_flush
 
     @property
+    def request_timeout(self) -> float | None:
+        return self.inner.request_timeout
+
+    def status(self) -> dict[str, object]:
+        return self.inner.status()
+
+    @property
     def supports_discard(self) -> bool:
         return self.inner.supports_discard
 
@@ -448,13 +455,16 @@ class QemuNbdServer:
             storage = await open_storage(srv.url)
 
     Starts with ``--persistent --shared=N`` so several clients (and the
-    readiness probe) can connect; `kill` simulates a crashed server.
+    readiness probe) can connect; ``persistent=False, shared=1`` is
+    qemu-nbd's default (one client, exits when it leaves).  `suspend` and
+    `resume` simulate a hung server, `kill` a crashed one; `start` again
+    restarts it on the same socket.
     """
 
     def __init__(self, image: str | os.PathLike[str], *, socket_path: str | os.PathLike[str] | None = None,
                  host: str = "127.0.0.1", port: int | None = None, export: str = "disk",
-                 read_only: bool = False, shared: int = 4, extra_args: Sequence[str] = (),
-                 start_timeout: float = 10.0) -> None:
+                 read_only: bool = False, shared: int = 4, persistent: bool = True,
+                 extra_args: Sequence[str] = (), start_timeout: float = 10.0) -> None:
         self.image = os.fspath(image)
         self.socket_path = os.fspath(socket_path) if socket_path is not None else None
         self.host = host
@@ -462,6 +472,7 @@ class QemuNbdServer:
         self.export = export
         self.read_only = read_only
         self.shared = shared
+        self.persistent = persistent
         self.extra_args = list(extra_args)
         self.start_timeout = start_timeout
         self.proc: subprocess.Popen[bytes] | None = None
@@ -477,10 +488,19 @@ class QemuNbdServer:
         return f"nbd://{self.host}:{self.port}/{self.export}"
 
     def start(self) -> QemuNbdServer:
+        if self.proc is not None:          # a restart: the old one is gone (killed or stopped)
+            if self.proc.poll() is None:
+                raise RuntimeError("qemu-nbd is still running")
+            if self.proc.stderr is not None:
+                self.proc.stderr.close()
+        if self.socket_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)    # a killed qemu-nbd leaves its socket behind
         if self.socket_path is None and self.port is None:
             self.port = free_tcp_port(self.host)
-        argv = ["qemu-nbd", "--format=raw", "--persistent", f"--shared={self.shared}",
-                f"--export-name={self.export}"]
+        argv = ["qemu-nbd", "--format=raw", f"--shared={self.shared}", f"--export-name={self.export}"]
+        if self.persistent:
+            argv.append("--persistent")
         if self.socket_path is not None:
             argv.append(f"--socket={self.socket_path}")
         else:
@@ -504,7 +524,12 @@ class QemuNbdServer:
                 err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
                 raise RuntimeError(f"qemu-nbd exited with {self.proc.returncode}: {err.strip()}")
             try:
-                if self.socket_path is not None:
+                if self.socket_path is not None and not self.persistent:
+                    # A probe would be this qemu-nbd's one client, and it
+                    # exits when its last client leaves: wait for the socket.
+                    if not os.path.exists(self.socket_path):
+                        raise FileNotFoundError(self.socket_path)
+                elif self.socket_path is not None:
                     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                         s.connect(self.socket_path)
                 else:
@@ -521,6 +546,11 @@ class QemuNbdServer:
         """SIGSTOP: requests sit unanswered (to have some in flight)."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after `suspend`."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
 
     def kill(self) -> None:
         """SIGKILL, as a crash would; the kernel closes its sockets."""
