@@ -439,6 +439,11 @@ class FileStorage(Storage):
     def fileno(self) -> int:
         return self._fd
 
+    def status(self) -> dict[str, object]:
+        # Under O_DIRECT: how many sub-block writes needed a read-modify-write
+        # (0 for a Linux guest, which is told the block size).
+        return {"read_modify_writes": self.rmw_count} if self.direct else {}
+
     async def refresh_size(self) -> int:
         self._size = await self._run("refresh_size", _device_size, self._fd, self.is_block_device)
         return self._size
