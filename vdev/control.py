@@ -34,8 +34,11 @@ import contextlib
 import json
 import logging
 import os
+import socket
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
+
+from vhost_user.server import accept
 
 from .errors import VdevError
 
@@ -86,22 +89,55 @@ class ControlServer:
         self.max_clients = max_clients
         self.idle_timeout = idle_timeout
         self.clients = 0
-        self._server: asyncio.AbstractServer | None = None
+        self._listener: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-        self._server = await asyncio.start_unix_server(self._client, self.path, limit=MAX_LINE)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            listener.bind(self.path)
+            listener.listen(16)
+            listener.setblocking(False)
+        except BaseException:
+            listener.close()
+            raise
+        self._listener = listener
+        self._accepting = asyncio.get_running_loop().create_task(self._accept_loop(listener))
         log.info("control socket on %s (commands: %s)", self.path, ", ".join(sorted(self.handlers)))
 
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        # Our own accept loop (not asyncio.start_unix_server) so that EMFILE
+        # is handled the way the vhost-user socket handles it: logged once,
+        # retried every 100 ms.
+        while True:
+            conn = await accept(listener, f"a control client on {self.path}")
+            try:
+                reader, writer = await asyncio.open_unix_connection(sock=conn, limit=MAX_LINE)
+            except OSError as exc:
+                conn.close()
+                log.warning("control socket: cannot set up a client: %s", exc)
+                continue
+            task = asyncio.get_running_loop().create_task(self._client(reader, writer))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await self._server.wait_closed()
-            self._server = None
+        if self._accepting is not None:
+            self._accepting.cancel()
+            await asyncio.wait({self._accepting})
+            self._accepting = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks))
 
     async def handle(self, line: bytes) -> dict[str, Any]:
         """One request line in, one reply out; never raises (except a cancel)."""

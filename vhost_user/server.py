@@ -76,6 +76,36 @@ _ACCEPT_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _ACCEPT_TRANSIENT = {errno.ECONNABORTED, errno.EPROTO, errno.EINTR, errno.EAGAIN}
 
 
+async def accept(listener: socket.socket, what: str, meanwhile: str = "") -> socket.socket:
+    """Accept one connection; running out of file descriptors is waited out.
+
+    EMFILE/ENFILE (and ENOBUFS/ENOMEM) leave the connection in the backlog
+    and the listener readable, so retrying at once would spin: log once per
+    episode, back off `ACCEPT_BACKOFF` seconds, retry.  Errors about the one
+    connection (ECONNABORTED ...) are skipped.  ``what`` and ``meanwhile``
+    word the log line.
+    """
+    loop = asyncio.get_running_loop()
+    exhausted = False
+    while True:
+        try:
+            sock, _ = await loop.sock_accept(listener)
+        except OSError as exc:
+            if exc.errno in _ACCEPT_EXHAUSTED:
+                if not exhausted:
+                    log.warning("cannot accept %s: %s; retrying every %g s%s", what, exc, ACCEPT_BACKOFF,
+                                f" ({meanwhile})" if meanwhile else "")
+                    exhausted = True
+                await asyncio.sleep(ACCEPT_BACKOFF)
+                continue
+            if exc.errno in _ACCEPT_TRANSIENT:
+                continue
+            raise
+        if exhausted:
+            log.info("accepting %s again", what)
+        return sock
+
+
 class _SilentPeer(ProtocolError):
     """A connection that did not complete its first request in time."""
 
@@ -159,8 +189,10 @@ async def send_message(sock: socket.socket, data: bytes, fds: tuple[int, ...] | 
 class Connection:
     """One front-end connection: read, dispatch, reply, until EOF or a fatal error."""
 
-    def __init__(self, sock: socket.socket, handler: BackendHandler) -> None:
+    def __init__(self, sock: socket.socket, handler: BackendHandler, *,
+                 first_request_timeout: float | None = FIRST_REQUEST_TIMEOUT) -> None:
         self.sock = sock
+        self.first_request_timeout = first_request_timeout
         self.handler = handler
         self.session = BackendSession()
         self._backend_lock = asyncio.Lock()
@@ -174,19 +206,19 @@ class Connection:
         self.closing = False
 
     async def _wait_readable(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self.proven:
+        if self.proven or self.first_request_timeout is None:
             await wait_fd(loop, self.sock.fileno())
             return
-        left = self.connected_at + FIRST_REQUEST_TIMEOUT - loop.time()
+        left = self.connected_at + self.first_request_timeout - loop.time()
         try:
             async with asyncio.timeout(max(0.0, left)):
                 await wait_fd(loop, self.sock.fileno())
         except TimeoutError:
             log.warning("dropping the connection from %s (connected at %s): no complete request "
                         "within %g s of connecting", self.peer, self._connected_wall,
-                        FIRST_REQUEST_TIMEOUT)
+                        self.first_request_timeout)
             raise _SilentPeer("no request within the first-request timeout", fatal=True,
-                              value=FIRST_REQUEST_TIMEOUT) from None
+                              value=self.first_request_timeout) from None
 
     async def run(self) -> None:
         """Serve until the front-end disconnects; always resets the device at the end."""
@@ -332,33 +364,9 @@ class VhostUserServer:
         return sock
 
     async def _accept(self) -> socket.socket:
-        """Accept one connection; out of file descriptors is waited out, not raised.
-
-        EMFILE/ENFILE (and ENOBUFS/ENOMEM) leave the connection in the
-        backlog and the listener readable, so retrying at once would spin:
-        log once per episode, back off `ACCEPT_BACKOFF` seconds, retry.
-        """
-        loop = asyncio.get_running_loop()
         assert self._listener is not None
-        exhausted = False
-        while True:
-            try:
-                sock, _ = await loop.sock_accept(self._listener)
-            except OSError as exc:
-                if exc.errno in _ACCEPT_EXHAUSTED:
-                    if not exhausted:
-                        log.warning("cannot accept a front-end on %s: %s; retrying every %g s "
-                                    "(the connected front-end is still served)",
-                                    self.path or f"fd {self.listen_fd}", exc, ACCEPT_BACKOFF)
-                        exhausted = True
-                    await asyncio.sleep(ACCEPT_BACKOFF)
-                    continue
-                if exc.errno in _ACCEPT_TRANSIENT:
-                    continue
-                raise
-            if exhausted:
-                log.info("accepting front-ends again")
-            return sock
+        return await accept(self._listener, f"a front-end on {self.path or f'fd {self.listen_fd}'}",
+                            "the connected front-end is still served")
 
     async def _connect(self) -> socket.socket:
         loop = asyncio.get_running_loop()
@@ -380,7 +388,10 @@ class VhostUserServer:
 
     async def _serve_one(self, sock: socket.socket) -> None:
         handler = BackendHandler(self.hooks)
-        self.connection = Connection(sock, handler)
+        # In client mode we dialled the VMM ourselves: nobody else can take
+        # the device, so a slow first request is no lock-out.
+        self.connection = Connection(sock, handler,
+                                     first_request_timeout=None if self.client else FIRST_REQUEST_TIMEOUT)
         await self._notify(self.connection)
         try:
             await self.connection.run()

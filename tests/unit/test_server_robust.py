@@ -148,10 +148,21 @@ async def test_out_of_file_descriptors_does_not_end_the_daemon(short_dir: str) -
         try:
             await roundtrip(vm, 0, b"a")
             # Idle control clients until the daemon has no descriptor left.
-            for _ in range(NOFILE):
+            # (Non-blocking: once the daemon cannot accept, the backlog
+            # fills and a blocking connect would wait for a free slot.)
+            stuck = 0
+            while len(idle) < 2 * NOFILE and stuck < 10:
                 c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                c.connect(ctl)
+                c.setblocking(False)
+                try:
+                    c.connect(ctl)
+                except BlockingIOError:      # backlog full: let the daemon accept
+                    c.close()
+                    stuck += 1
+                    await asyncio.sleep(0.05)
+                    continue
                 idle.append(c)
+            assert stuck == 10, "the daemon accepted every connection: the limit did not bite"
             await asyncio.sleep(0.5)
             # One more front-end: accept() now fails with EMFILE.
             extra = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -170,6 +181,8 @@ async def test_out_of_file_descriptors_does_not_end_the_daemon(short_dir: str) -
         text = open(log_path).read()
         assert text.count("Too many open files") >= 1, text
         assert text.count("cannot accept a front-end") == 1, text     # logged once, not per retry
+        assert 1 <= text.count("cannot accept a control client") <= text.count("accepting a control client") + 1, text
+        assert "Traceback" not in text, text
     finally:
         for c in idle:
             c.close()
