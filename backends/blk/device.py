@@ -97,6 +97,9 @@ class Status(enum.IntEnum):
     UNSUPP = 2
 
 
+#: Bound on pause/swap waiting for requests when the storage has no timeout of its own.
+QUIESCE_TIMEOUT = 30.0
+
 WRITE_ZEROES_F_UNMAP = 1
 #: The legacy BARRIER flag in bit 31 of the type; masked off as QEMU does.
 TYPE_BARRIER = 1 << 31
@@ -259,6 +262,10 @@ class BlkDevice(Device):
         self.storage = storage
         self.read_only = read_only or storage.read_only
         self.capacity = storage.size // SECTOR * SECTOR
+        # virtio 1.2 §5.2.4 blk_size: the storage's logical block (4096 on a
+        # 4K-sector disk under O_DIRECT), so a Linux guest never sends writes
+        # that need a read-modify-write.  Fixed at creation, like the features.
+        self.block_size = max(SECTOR, storage.block_size)
         self.serial = (serial if serial is not None else _default_serial(storage.url)).encode()
         if len(self.serial) > ID_BYTES:
             raise ValueError(f"serial {serial!r} is longer than {ID_BYTES} bytes")
@@ -355,7 +362,7 @@ class BlkDevice(Device):
             SIZE_MAX,                      # size_max
             self.seg_max,                  # seg_max
             0, 0, 0,                       # geometry: cylinders, heads, sectors (not offered)
-            SECTOR,                        # blk_size
+            self.block_size,               # blk_size (logical block, VIRTIO_BLK_F_BLK_SIZE)
             0, 0,                          # physical_block_exp, alignment_offset
             1,                             # min_io_size (in blk_size units)
             0,                             # opt_io_size
@@ -364,7 +371,7 @@ class BlkDevice(Device):
             self.num_queues,               # num_queues
             MAX_DISCARD_SECTORS,           # max_discard_sectors
             MAX_DISCARD_SEG,               # max_discard_seg
-            1,                             # discard_sector_alignment
+            self.block_size // SECTOR,     # discard_sector_alignment (512-byte sectors)
             MAX_WRITE_ZEROES_SECTORS,      # max_write_zeroes_sectors
             MAX_WRITE_ZEROES_SEG,          # max_write_zeroes_seg
             1,                             # write_zeroes_may_unmap
@@ -535,14 +542,41 @@ class BlkDevice(Device):
 
     # -- live storage changes ------------------------------------------------------------
 
+    async def _wait_idle(self, what: str) -> None:
+        """Wait until no request is on storage, bounded by the storage's own
+        request timeout (NBD's ?timeout=) or QUIESCE_TIMEOUT, plus a second.
+
+        Raises:
+            DeviceError: still busy at the bound (a storage that hangs).
+        """
+        bound = self.storage.request_timeout
+        bound = (QUIESCE_TIMEOUT if bound is None else bound) + 1.0
+        try:
+            async with asyncio.timeout(bound):
+                await self._idle.wait()
+        except TimeoutError:
+            raise DeviceError(f"{what} timed out: {self._executing} requests still on {self.storage.url} "
+                              f"after {bound:g} s; nothing changed", status=Status.IOERR,
+                              value=self._executing) from None
+
     async def pause(self) -> None:
-        """Hold new requests and wait until none is on storage (for a consistent copy)."""
-        if self.paused:
-            return
+        """Hold new requests and wait until none is on storage (for a consistent copy).
+
+        Raises:
+            DeviceError: requests still on storage after its timeout (I/O is let go again).
+        """
+        was_paused = self.paused
         self._resumed.clear()
-        if self.runtime is not None:
+        if self.runtime is not None and not was_paused:
             await self.runtime.hold()
-        await self._idle.wait()
+        try:
+            await self._wait_idle("pause")
+        except DeviceError:
+            if not was_paused:
+                self._resumed.set()
+                if self.runtime is not None:
+                    self.runtime.release()
+            raise
         log.info("blk: I/O paused")
 
     def resume(self) -> None:
@@ -576,8 +610,11 @@ class BlkDevice(Device):
             self._resumed.clear()
             if runtime is not None and not was_paused:
                 await runtime.hold()
+            swapped = False
             try:
-                await self._idle.wait()
+                # Bounded, so a hung storage fails the swap now rather than
+                # letting it take effect after the operator was told it failed.
+                await self._wait_idle("swap")
                 old, self.storage = self.storage, new
                 old_native, self._native = self._native, self._native_for(new)
                 capacity = new.size // SECTOR * SECTOR
@@ -599,10 +636,14 @@ class BlkDevice(Device):
                         engine.set_blk_storage(self._native)
                 if old_native is not None:
                     old_native.close()
+                swapped = True
             finally:
-                self._resumed.set()
-                if runtime is not None:
-                    runtime.release()
+                # A swap resumes I/O, also after a pause; a failed one leaves a
+                # pause in place and lets I/O go again otherwise.
+                if swapped or not was_paused:
+                    self._resumed.set()
+                    if runtime is not None:
+                        runtime.release()
             log.info("blk: storage swapped: %s -> %s", old.url, new.url)
             await self._notify_capacity()
             return old
