@@ -139,16 +139,17 @@ class BackEndFault(VdevError):
 
 
 class RingBaseMismatch(VdevError):
-    """GET_VRING_BASE after a drained run did not answer the driver's avail.idx: the
-    back end lost track of what it consumed (vhost-user "GET_VRING_BASE")."""
+    """After a drained run, GET_VRING_BASE did not answer the driver's avail.idx (the
+    back end lost track of what it consumed), or used.idx differs from it (it
+    returned more than it was given, after the driver stopped looking)."""
 
-    def __init__(self, queue: int, ours: int, theirs: int) -> None:
-        self.queue, self.ours, self.theirs = queue, ours, theirs
+    def __init__(self, queue: int, ours: int, theirs: int, what: str = "GET_VRING_BASE answered") -> None:
+        self.queue, self.ours, self.theirs, self.what = queue, ours, theirs, what
         super().__init__(str(self))
 
     def __str__(self) -> str:
-        return (f"queue {self.queue}: GET_VRING_BASE answered {self.theirs}, but the driver made "
-                f"{self.ours} requests available and got every one back")
+        return (f"queue {self.queue}: {self.what} {self.theirs} after the ring stopped, but the driver "
+                f"made {self.ours} requests available and got every one back once")
 
 
 def _raise_for(rc: int, q: Any, bs: int) -> None:
@@ -663,6 +664,8 @@ class BlkSession:
         """Stop every ring the way QEMU does (disable, GET_VRING_BASE); returns
         queue -> (driver's avail.idx, back end's base).  A back end that consumed
         all it was given answers the driver's avail.idx; RingBaseMismatch if not."""
+        used: dict[int, int] = {}
+
         async def stop() -> dict[int, tuple[int, int]]:
             out = {}
             for i, lay in enumerate(self.layouts):
@@ -670,6 +673,8 @@ class BlkSession:
                 if self.features & VHOST_USER_F_PROTOCOL_FEATURES:
                     await self.fe.set_vring_enable(i, False)
                 out[i] = (ours, await self.fe.get_vring_base(i))
+                # the ring is stopped: nothing may move used.idx any more
+                used[i] = int.from_bytes(self.mem.read(lay.used + 2, 2), "little")
             return out
         self._stopped = True
         bases = self._loop.run_until_complete(asyncio.wait_for(stop(), 10))
@@ -678,6 +683,8 @@ class BlkSession:
         for i, (ours, theirs) in bases.items():
             if ours != theirs:
                 raise RingBaseMismatch(i, ours, theirs)
+            if used[i] != ours:
+                raise RingBaseMismatch(i, ours, used[i], what="used.idx is")
         return bases
 
     def close(self) -> None:

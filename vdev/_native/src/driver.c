@@ -253,6 +253,7 @@ struct run {
     uint32_t sectors_per_block;
     uint16_t *batch;               /* slots to publish */
     uint32_t nbatch;
+    uint16_t *done;                /* slots completed in this batch */
     /* the measured window */
     bool in_window, window_done;
     uint64_t cpu0;
@@ -437,6 +438,7 @@ static int complete(struct run *x, uint16_t uidx, uint64_t now, bool stopping)
         return fail(x, VD_DRV_E_USED_IDX);
     }
     update_window(x, now);
+    uint32_t ndone = 0;
     for (uint16_t k = 0; k < n; k++) {
         uint32_t e = x->last_used & (x->r.size - 1);
         uint32_t id = LD(&x->r.used_elems[2 * e]);
@@ -507,8 +509,15 @@ static int complete(struct run *x, uint16_t uidx, uint64_t now, bool stopping)
             else
                 x->s.writes++;
         }
+        x->done[ndone++] = (uint16_t)s;
+    }
+    /* Refill only now: a slot posted again inside this loop would let a
+     * second used entry for its head in the same batch pass as the new
+     * request's completion, though the device cannot have seen that yet. */
+    for (uint32_t k = 0; k < ndone; k++) {
+        struct slot_state *st = &x->st[x->done[k]];
         if (!stopping) {
-            prepare(x, s);
+            prepare(x, x->done[k]);
         } else if (st->readback) {
             st->readback = false;
             x->busy[st->block] = 0;
@@ -693,6 +702,7 @@ int vd_drv_run(struct vd_drv_queue *q)
     x.s.cpu_ns = 0;
     x.st = calloc(q->iodepth, sizeof *x.st);
     x.batch = calloc(q->iodepth, sizeof *x.batch);
+    x.done = calloc(q->iodepth, sizeof *x.done);
     if (q->verify) {
         x.busy = calloc(q->nblocks, 1);
         for (uint64_t b = 0; b < q->nblocks; b++)
@@ -700,7 +710,7 @@ int vd_drv_run(struct vd_drv_queue *q)
                 x.wseq = q->shadow[b];
     }
     int rc;
-    if (!x.st || !x.batch || (q->verify && !x.busy)) {
+    if (!x.st || !x.batch || !x.done || (q->verify && !x.busy)) {
         q->error.sys_errno = ENOMEM;
         rc = fail(&x, VD_DRV_E_SYS);
     } else {
@@ -710,6 +720,7 @@ int vd_drv_run(struct vd_drv_queue *q)
     flush_stats(&x);
     free(x.st);
     free(x.batch);
+    free(x.done);
     free(x.busy);
     return rc;
 }
