@@ -125,8 +125,8 @@ def qsd_daemon(blockdev: str, workdir: str, *, queues: int = 1, cpu: int | None 
         raise SystemExit("qemu-storage-daemon not found on PATH (Debian 12: package qemu-system-common)")
     sock = os.path.join(workdir, f"{name}.sock")
     argv = [qsd, "--blockdev", f"{blockdev},node-name=n0",
-            "--export", f"type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path={sock},"
-                        f"writable=on,num-queues={queues}"]
+            "--export", (f"type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path={sock},"
+                        f"writable=on,num-queues={queues}")]
     return Daemon(name, argv, sock, os.path.join(workdir, f"{name}.log"), cpu)
 
 

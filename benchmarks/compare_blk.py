@@ -41,11 +41,23 @@ from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from backends import Daemon, VDEV_VARIANTS, available_variants, pin_cpus, qsd_daemon, vdev_daemon  # noqa: E402
-
-from vdev.bench.driver import BlkSession, Job, RunResult  # noqa: E402
-from vdev.bench.report import Series, machine, plot_bars, plot_over_time, plot_percentiles  # noqa: E402
-from vdev.histogram import LatencyHistogram  # noqa: E402
+from backends import (
+    VDEV_VARIANTS,
+    Daemon,
+    available_variants,
+    pin_cpus,
+    qsd_daemon,
+    vdev_daemon,
+)
+from vdev.bench.driver import BlkSession, Job, RunResult
+from vdev.bench.report import (
+    Series,
+    machine,
+    plot_bars,
+    plot_over_time,
+    plot_percentiles,
+)
+from vdev.histogram import LatencyHistogram
 
 WORKLOADS: list[tuple[str, Job]] = [
     ("randread-4k-qd1", Job("randread", 4096, 1)),

@@ -26,11 +26,10 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from backends import Daemon, pin_cpus, qsd_daemon, vdev_daemon  # noqa: E402
-
-from vdev.bench.driver import BlkSession, Job  # noqa: E402
-from vdev.bench.report import Series, machine, plot_percentiles  # noqa: E402
-from vdev.histogram import LatencyHistogram  # noqa: E402
+from backends import Daemon, pin_cpus, qsd_daemon, vdev_daemon
+from vdev.bench.driver import BlkSession, Job
+from vdev.bench.report import Series, machine, plot_percentiles
+from vdev.histogram import LatencyHistogram
 
 QUIET = Job("randread", 4096, 1)
 BUSY = Job("randread", 4096, 32)
