@@ -421,8 +421,10 @@ def test_json_and_out_write_what_they_promise(short_dir: str, capsys: pytest.Cap
         rc = run_cli(["bench", "blk", os.path.join(short_dir, "vdev.sock"), "--rw", "randread",
                       "--iodepth", "4", "--seconds", "1.5", "--warmup", "0.2", "--json", json_path,
                       "--out", out_dir, "--backend-pid", str(proc.pid), "--label", "vdev-null"])
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert rc == 0, printed
+    assert captured.err == ""      # no progress line when stderr is not a terminal
     for name in ("result.json", "latency.hlog", "latency.hgrm", "latency-percentiles.png",
                  "latency-over-time.png"):
         assert os.path.getsize(os.path.join(out_dir, name)) > 0, name
@@ -470,6 +472,32 @@ def test_json_and_out_write_what_they_promise(short_dir: str, capsys: pytest.Cap
     for png in ("latency-percentiles.png", "latency-over-time.png"):
         with open(os.path.join(out_dir, png), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_progress_line_on_a_terminal(short_dir: str) -> None:
+    import pty
+
+    dev = FaultyBlk(None, 0)
+    master, slave = pty.openpty()
+    try:
+        with served(dev, short_dir) as path:
+            proc = subprocess.run([sys.executable, "-m", "vdev", "bench", "blk", path, "--seconds", "2.5",
+                                   "--warmup", "0"], stderr=slave, stdout=subprocess.PIPE, timeout=60,
+                                  check=False)
+        os.close(slave)
+        slave = -1
+        err = b""
+        with contextlib.suppress(OSError):
+            while chunk := os.read(master, 4096):
+                err += chunk
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    assert proc.returncode == 0, proc.stdout
+    text = err.decode(errors="replace")
+    assert re.search(r"1\.\d / 2\.5 s  IOPS [\d,]+", text), text
+    assert b"IOPS" in proc.stdout
 
 
 # ---- the C helpers the sampler uses -----------------------------------------------------------
