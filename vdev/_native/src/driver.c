@@ -485,7 +485,8 @@ static int complete(struct run *x, uint16_t uidx, uint64_t now, bool stopping)
                         q->error.offset = off;
                         return fail(x, VD_DRV_E_VERIFY);
                     }
-                    x->s.verified++;
+                    if (x->in_window)
+                        x->s.verified++;
                 }
                 x->busy[st->block] = 0;
             } else {

@@ -74,7 +74,7 @@ struct vd_drv_stats {
     uint64_t bytes;
     uint64_t kicks;
     uint64_t wakeups;
-    uint64_t verified;       /* reads whose data was checked (verify mode) */
+    uint64_t verified;       /* reads whose data was checked (verify mode), in the window */
     uint64_t cpu_ns;         /* this worker thread's CPU time in the window */
     uint64_t window_end;     /* CLOCK_MONOTONIC ns when the window closed (t_stop, or earlier) */
     uint64_t avail_idx;      /* the driver's avail.idx when it returned */
