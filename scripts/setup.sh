@@ -27,7 +27,7 @@ fi
 stamp=.venv/.vdev-installed
 # The native data plane (vdev/_native) is compiled by pip install: rebuild when
 # any of its sources is newer than the last install.
-native_changed=$( [ -f "$stamp" ] && find vdev/_native -newer "$stamp" \( -name '*.c' -o -name '*.h' -o -name '*.cdef' -o -name 'build.py' \) | head -n 1 )
+native_changed=$( [ -f "$stamp" ] && find vdev/_native -newer "$stamp" \( -name '*.c' -o -name '*.h' -o -name '*.cdef' -o -name 'build.py' \) | head -n 1 || true )
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] || [ -n "$native_changed" ]; then
     .venv/bin/pip install -q --upgrade pip
     .venv/bin/pip install -q -e '.[test]'
