@@ -19,7 +19,7 @@ from vdev.config import parse_int, parse_queue_size
 from vdev.control import ControlServer
 from vdev.device import Device, serve
 
-from .device import ID_BYTES, BlkDevice
+from .device import DATAPLANES, ID_BYTES, BlkDevice
 from .storage import StorageSpec, open_storage, parse_storage_url
 
 QEMU_EXAMPLE = """\
@@ -31,6 +31,16 @@ qemu-system-x86_64 -machine q35 -m 1G \\
     -kernel vmlinuz -initrd initrd.img -append console=ttyS0 -nographic"""
 
 
+#: Queues offered when --queues is not given.  QEMU's vhost-user-blk-pci asks
+#: for one per vCPU unless num-queues is set, and refuses a back end that
+#: offers fewer; an unused queue costs nothing until the driver starts it.
+DEFAULT_QUEUES = 16
+#: Storage URL schemes the native data path runs (backends/blk/native.py).
+NATIVE_SCHEMES = ("file", "mem", "null")
+#: Longest busy-poll (--poll-us) accepted: one second.
+MAX_POLL_US = 1_000_000
+
+
 @dataclass(frozen=True)
 class BlkConfig:
     backend: str
@@ -39,6 +49,8 @@ class BlkConfig:
     queue_size: int
     serial: str | None
     control: str | None
+    dataplane: str = "auto"
+    poll_us: int = 0
 
 
 class BlkCommand(DeviceCommand):
@@ -53,15 +65,24 @@ class BlkCommand(DeviceCommand):
                        help="storage: file:PATH[?direct=on][&readonly=on], a bare path, mem:SIZE, "
                             "null:SIZE, nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH")
         g.add_argument("--read-only", action="store_true", help="offer a read-only disk (VIRTIO_BLK_F_RO)")
-        g.add_argument("--queues", default="1", metavar="N", help="request queues (1..64, default 1)")
+        g.add_argument("--queues", default=str(DEFAULT_QUEUES), metavar="N",
+                       help=f"request queues offered (1..64, default {DEFAULT_QUEUES}; the VMM "
+                            "starts as many as it wants, QEMU one per vCPU)")
         g.add_argument("--queue-size", default="256", metavar="N",
                        help="largest queue size (power of 2, 4..32768, default 256)")
         g.add_argument("--serial", metavar="ID", help=f"GET_ID serial (up to {ID_BYTES} ASCII bytes)")
         g.add_argument("--control", metavar="PATH",
                        help="JSON control socket: info, swap (live storage swap), resize, pause, resume")
+        g.add_argument("--dataplane", default="auto", metavar="python|native",
+                       help="who serves the queues: native (a C worker per queue; null:, mem: and "
+                            "file: storage), python (the event loop; any storage), or auto "
+                            "(default: native when the storage supports it)")
+        g.add_argument("--poll-us", default="0", metavar="N",
+                       help="native path: busy-poll the ring for up to N microseconds after the last "
+                            "request before sleeping on the kick eventfd (default 0: never)")
 
     def configure(self, args: argparse.Namespace) -> BlkConfig:
-        parse_storage_url(args.backend)    # raises ValueError naming the bad part
+        spec = parse_storage_url(args.backend)    # raises ValueError naming the bad part
         queues = parse_int(args.queues, "--queues", lo=1, hi=64)
         queue_size = parse_queue_size(args.queue_size)
         if queue_size < 4:
@@ -69,7 +90,17 @@ class BlkCommand(DeviceCommand):
         if args.serial is not None:
             if not args.serial.isascii() or len(args.serial) > ID_BYTES:
                 raise ValueError(f"--serial: {args.serial!r} is not at most {ID_BYTES} ASCII bytes")
-        return BlkConfig(args.backend, args.read_only, queues, queue_size, args.serial, args.control)
+        if args.dataplane not in DATAPLANES:
+            raise ValueError(f"--dataplane: {args.dataplane!r} is not one of {', '.join(DATAPLANES)}")
+        if args.dataplane == "native" and spec.scheme not in NATIVE_SCHEMES:
+            raise ValueError(f"--dataplane native: {spec.scheme}: storage has no native data path "
+                             f"({', '.join(s + ':' for s in NATIVE_SCHEMES)} do)")
+        poll_us = parse_int(args.poll_us, "--poll-us", lo=0, hi=MAX_POLL_US)
+        if poll_us and args.dataplane == "python":
+            raise ValueError(f"--poll-us {poll_us}: busy-polling needs the native data path, "
+                             "not --dataplane python")
+        return BlkConfig(args.backend, args.read_only, queues, queue_size, args.serial, args.control,
+                         args.dataplane, poll_us)
 
     async def create(self, config: BlkConfig) -> Device:
         # --read-only opens the image read-only too: an image on a read-only
@@ -77,7 +108,8 @@ class BlkCommand(DeviceCommand):
         storage = await open_storage(_storage_spec(config.backend, read_only=config.read_only))
         try:
             return BlkDevice(storage, read_only=config.read_only, num_queues=config.queues,
-                             queue_size=config.queue_size, serial=config.serial)
+                             queue_size=config.queue_size, serial=config.serial,
+                             dataplane=config.dataplane, poll_us=config.poll_us)
         except BaseException:
             await storage.aclose()
             raise

@@ -526,6 +526,16 @@ class BlkDevice(Device):
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    async def _settle(self) -> None:
+        """Wait until every request the Python path took is answered, parked ones
+        included (they run once the gate is open; no new ones are taken while
+        the runtime is held)."""
+        while True:
+            tasks = [t for s in self._inflight.values() for t in s]
+            if not tasks:
+                return
+            await asyncio.gather(*tasks, return_exceptions=True)
+
     def reset(self) -> None:
         super().reset()
         self.wce = 1
@@ -628,7 +638,7 @@ class BlkDevice(Device):
                     # on the new storage first; then every ring restarts where it
                     # stopped, on the path the new storage needs.
                     self._resumed.set()
-                    await self.drain(None)
+                    await self._settle()
                     runtime.restart_rings()
                     log.info("blk: data path now %s", "native" if self._native else "python")
                 elif self._native is not None:

@@ -44,12 +44,13 @@ FIO_VERIFY = ("fio --name=verify --filename=/dev/vda --ioengine=libaio --direct=
               "--group_reporting")
 
 
+@pytest.mark.parametrize("dataplane", ["native", "python"])
 async def test_fio_verify_discard_flush_two_queues(guest_image: GuestImage, vdev_daemon,
-                                                   tmp_path: Path) -> None:
+                                                   tmp_path: Path, dataplane: str) -> None:
     img = make_image(tmp_path / "disk.img", 128 * MiB)
     sock, ctl = tmp_path / "blk.sock", tmp_path / "blk.ctl"
     vdev_daemon("blk", "--socket", str(sock), "--backend", f"file:{img}", "--queues", "2",
-                "--control", str(ctl), wait_for=sock)
+                "--dataplane", dataplane, "--control", str(ctl), wait_for=sock)
     script = f"""
 set -e
 echo "sectors=$(cat /sys/block/vda/size)"
@@ -86,6 +87,29 @@ echo "done-ok"
     assert stats.get("DISCARD", 0) > 0, info
     assert stats.get("OUT", 0) >= 1024 and stats.get("IN", 0) >= 1024, info
     assert stats.get("errors", 0) == 0, info
+    assert info["dataplane"] == dataplane, info
+
+
+async def test_default_command_lines_with_two_vcpus(guest_image: GuestImage, vdev_daemon,
+                                                    tmp_path: Path) -> None:
+    # QEMU's vhost-user-blk-pci asks for one queue per vCPU unless num-queues
+    # is given; a plain `vdev blk` must offer enough (it used to offer 1, and
+    # QEMU refused: "The maximum number of queues supported by the backend is 1").
+    sock = tmp_path / "blk.sock"
+    vdev_daemon("blk", "--socket", str(sock), "--backend", "mem:64M", wait_for=sock)
+    script = """
+set -e
+echo "queues=$(ls /sys/block/vda/mq | wc -l)"
+seq 1 200000 | head -c 1048576 > /tmp/pat
+dd if=/tmp/pat of=/dev/vda bs=64k seek=3 oflag=direct 2>/dev/null
+dd if=/dev/vda of=/tmp/back bs=64k skip=3 count=16 iflag=direct 2>/dev/null
+cmp /tmp/pat /tmp/back && echo same-ok
+"""
+    result = await run_in_guest(guest_image, script, timeout=120, smp=2,
+                                qemu_args=["-chardev", f"socket,id=blk0,path={sock}",
+                                           "-device", "vhost-user-blk-pci,chardev=blk0"])
+    assert result.exit_status == 0, result.console
+    assert "queues=2" in result.output and "same-ok" in result.output, result.output
 
 
 async def test_read_only_disk_rejects_writes(guest_image: GuestImage, vdev_daemon, tmp_path: Path) -> None:
@@ -148,9 +172,13 @@ echo done-ok
         assert f.read(MiB) == seq_pattern(200000, MiB)
 
 
-async def test_live_swap_under_fio_load(guest_image: GuestImage, vdev_daemon, tmp_path: Path) -> None:
+async def test_live_swap_under_fio_load(guest_image: GuestImage, vdev_daemon, qemu_nbd,
+                                        tmp_path: Path) -> None:
+    # file: A (native path) -> nbd+unix:// (Python path) -> file: C (native
+    # again), each a pause, a copy and a swap, while fio writes with verify.
     a = make_image(tmp_path / "a.img", 128 * MiB)
-    b = tmp_path / "b.img"
+    nbd_sock, nbd_img = qemu_nbd
+    c = tmp_path / "c.img"
     sock, ctl = tmp_path / "blk.sock", tmp_path / "blk.ctl"
     vdev_daemon("blk", "--socket", str(sock), "--backend", f"file:{a}", "--control", str(ctl),
                 wait_for=sock)
@@ -159,30 +187,39 @@ set -e
 {FIO_VERIFY}
 echo done-ok
 """
-    swapped: dict[str, object] = {}
+    nbd_url = f"nbd+unix:///disk?socket={nbd_sock}"
+    swaps: list[dict[str, object]] = []
 
-    async def swap_mid_run() -> None:
-        # Wait until fio is well into its write phase, then pause I/O, copy
-        # A to B while nothing moves, and swap (which resumes I/O).
+    async def swap_at(writes: int, src: Path, dst: Path, url: str) -> None:
+        # Wait until fio is far enough into its write phase, then pause I/O,
+        # copy the current image while nothing moves, and swap (which resumes).
         while True:
             info = await control_request(str(ctl), {"command": "info"})
-            if info["stats"].get("OUT", 0) >= 200:
+            if info["stats"].get("OUT", 0) >= writes:
                 break
             await asyncio.sleep(0.05)
-        await control_request(str(ctl), {"command": "pause"})
-        paused = await control_request(str(ctl), {"command": "info"})
-        await asyncio.to_thread(shutil.copyfile, a, b)
-        reply = await control_request(str(ctl), {"command": "swap", "backend": f"file:{b}"})
-        swapped.update(reply, writes_at_swap=paused["stats"].get("OUT", 0))
+        paused = await control_request(str(ctl), {"command": "pause"})
+        await asyncio.to_thread(shutil.copyfile, src, dst)
+        reply = await control_request(str(ctl), {"command": "swap", "backend": url})
+        swaps.append({**reply, "writes_at_swap": paused["stats"].get("OUT", 0),
+                      "dataplane_before": paused["dataplane"]})
 
-    swapper = asyncio.create_task(swap_mid_run())
+    async def swapper() -> None:
+        await swap_at(200, a, nbd_img, nbd_url)
+        await swap_at(450, nbd_img, c, f"file:{c}")
+
+    task = asyncio.create_task(swapper())
     result = await run_in_guest(guest_image, script, timeout=300, qemu_args=blk_args(sock, queues=1))
-    await asyncio.wait_for(swapper, 5)
+    await asyncio.wait_for(task, 5)
     assert result.exit_status == 0, result.console
     assert "err= 0" in result.output and "done-ok" in result.output, result.output
-    assert swapped["ok"] is True and swapped["previous"] == f"file:{a}", swapped
-    assert swapped["backend"] == f"file:{b}", swapped
-    # fio writes 1024 blocks of 64 KiB; the swap came while it was still writing.
-    assert 200 <= swapped["writes_at_swap"] < 1024, swapped
+    first, second = swaps
+    assert first["ok"] is True and first["previous"] == f"file:{a}", first
+    assert (first["dataplane_before"], first["dataplane"]) == ("native", "python"), first
+    assert second["ok"] is True and second["previous"] == nbd_url, second
+    assert (second["dataplane_before"], second["dataplane"]) == ("python", "native"), second
+    assert second["backend"] == f"file:{c}", second
+    # fio writes 1024 blocks of 64 KiB; both swaps came while it was still writing.
+    assert 200 <= first["writes_at_swap"] < second["writes_at_swap"] < 1024, swaps  # type: ignore[operator]
     info = await control_request(str(ctl), {"command": "info"})
     assert info["stats"].get("errors", 0) == 0, info

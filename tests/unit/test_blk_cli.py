@@ -105,6 +105,12 @@ BAD = {
     "log-level": (["--backend", "mem:1M", "--log-level", "loud"], "loud"),
     "unknown-option": (["--backend", "mem:1M", "--colour"], "--colour"),
     "no-backend": ([], "--backend"),
+    "dataplane-unknown": (["--backend", "mem:1M", "--dataplane", "rust"], "rust"),
+    "dataplane-native-nbd": (["--backend", "nbd://localhost:10809/x", "--dataplane", "native"], "nbd"),
+    "poll-us-negative": (["--backend", "mem:1M", "--poll-us", "-1"], "-1"),
+    "poll-us-not-a-number": (["--backend", "mem:1M", "--poll-us", "fast"], "fast"),
+    "poll-us-too-long": (["--backend", "mem:1M", "--poll-us", "2000000"], "2000000"),
+    "poll-us-on-python": (["--backend", "mem:1M", "--dataplane", "python", "--poll-us", "50"], "--poll-us"),
 }
 
 
