@@ -16,6 +16,7 @@ served on the Python path.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from vdev._native import ffi, lib
@@ -82,6 +83,12 @@ class NativeBlkEngine(NativeEngine):
         self._storage = storage
 
     def set_blk_storage(self, storage: NativeBlkStorage) -> None:
-        """Point the engine at other storage; only while it is held and idle."""
-        lib.vd_blk_engine_set_storage(self._e, storage.cdata)
+        """Point the engine at other storage; only while it is held and idle.
+
+        Raises:
+            OSError: io_uring could not be set up for file storage.
+        """
+        rc = lib.vd_blk_engine_set_storage(self._e, storage.cdata)
+        if rc:
+            raise OSError(-rc, f"queue {self.index}: cannot set up io_uring: {os.strerror(-rc)}")
         self._storage = storage

@@ -874,6 +874,29 @@ static const struct vd_engine_ops blk_ops = {
     .destroy = blk_destroy,
 };
 
+/* io_uring and its completion eventfd, only for file storage (two fds per
+ * queue that null: and mem: do not need).  0, or -1 with errno set. */
+static int setup_ring(struct blk_dev *d)
+{
+    if (d->ring_ok)
+        return 0;
+    int rc = io_uring_queue_init(d->qsize, &d->ring, 0);
+    if (rc < 0) {
+        errno = -rc;
+        return -1;
+    }
+    d->ring_ok = true;
+    d->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (d->efd < 0)
+        return -1;
+    rc = io_uring_register_eventfd(&d->ring, d->efd);
+    if (rc < 0) {
+        errno = -rc;
+        return -1;
+    }
+    return 0;
+}
+
 struct vd_engine *vd_blk_engine_new(struct vd_blk_storage *st, struct vd_blk_config *cfg,
                                     uint16_t queue_size)
 {
@@ -888,14 +911,7 @@ struct vd_engine *vd_blk_engine_new(struct vd_blk_storage *st, struct vd_blk_con
     d->parked = calloc(queue_size, sizeof *d->parked);
     if (d->reqs == NULL || d->parked == NULL)
         goto fail;
-    int rc = io_uring_queue_init(queue_size, &d->ring, 0);
-    if (rc < 0) {
-        errno = -rc;
-        goto fail;
-    }
-    d->ring_ok = true;
-    d->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (d->efd < 0 || io_uring_register_eventfd(&d->ring, d->efd) < 0)
+    if (st->kind == VD_BLK_FILE && setup_ring(d) < 0)
         goto fail;
     struct vd_engine *e = vd_engine_alloc(&blk_ops, d);
     if (e == NULL)
@@ -909,7 +925,11 @@ fail:;
     return NULL;
 }
 
-void vd_blk_engine_set_storage(struct vd_engine *e, struct vd_blk_storage *st)
+int vd_blk_engine_set_storage(struct vd_engine *e, struct vd_blk_storage *st)
 {
-    dev_of(e)->st = st;
+    struct blk_dev *d = dev_of(e);
+    if (st->kind == VD_BLK_FILE && setup_ring(d) < 0)
+        return -errno;
+    d->st = st;
+    return 0;
 }

@@ -77,7 +77,7 @@ void vd_blk_storage_free(struct vd_blk_storage *st);
  * when io_uring cannot be set up (errno says which). */
 struct vd_engine *vd_blk_engine_new(struct vd_blk_storage *st, struct vd_blk_config *cfg,
                                     uint16_t queue_size);
-/* Only while the engine is held and idle. */
-void vd_blk_engine_set_storage(struct vd_engine *e, struct vd_blk_storage *st);
+/* Only while the engine is held and idle; 0 or -errno (io_uring set-up for file storage). */
+int vd_blk_engine_set_storage(struct vd_engine *e, struct vd_blk_storage *st);
 
 #endif
