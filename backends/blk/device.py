@@ -51,6 +51,7 @@ from vdev.errors import DeviceError, GuestError, Unsupported
 from vdev.queue import Descriptor, DescriptorChain
 from vdev.uapi.virtio import DeviceId
 
+from .dirty import DirtyBitmap
 from .native import NATIVE_STAT_NAMES, NativeBlkEngine, NativeBlkStorage
 from .storage.base import Storage
 
@@ -285,6 +286,7 @@ class BlkDevice(Device):
         self._swap_lock = asyncio.Lock()
         self._notified_capacity = self.capacity
         self._retired_latency: dict[int, LatencyHistogram] = {}
+        self._dirty: DirtyBitmap | None = None
         self.stats: Counter[str] = Counter()
         self._logged_causes: set[str] = set()
         # Features are fixed when the device is created: discard and write-zeroes
@@ -476,7 +478,10 @@ class BlkDevice(Device):
             return req.data_len
         if req.type is ReqType.OUT:
             if req.data:
-                await storage.writev(req.sector * SECTOR, req.data)
+                try:
+                    await storage.writev(req.sector * SECTOR, req.data)
+                finally:
+                    self._mark_dirty(req.sector * SECTOR, req.data_len)
                 if not self.wce:
                     await storage.flush()   # writethrough: durable before we ack
             return 0
@@ -495,12 +500,18 @@ class BlkDevice(Device):
             return pos
         if req.type is ReqType.DISCARD:
             for sector, nsect, _flags in req.segments:
-                await storage.discard(sector * SECTOR, nsect * SECTOR)
+                try:
+                    await storage.discard(sector * SECTOR, nsect * SECTOR)
+                finally:
+                    self._mark_dirty(sector * SECTOR, nsect * SECTOR)
             return 0
         if req.type is ReqType.WRITE_ZEROES:
             for sector, nsect, flags in req.segments:
-                await storage.write_zeroes(sector * SECTOR, nsect * SECTOR,
-                                           may_unmap=bool(flags & WRITE_ZEROES_F_UNMAP))
+                try:
+                    await storage.write_zeroes(sector * SECTOR, nsect * SECTOR,
+                                               may_unmap=bool(flags & WRITE_ZEROES_F_UNMAP))
+                finally:
+                    self._mark_dirty(sector * SECTOR, nsect * SECTOR)
             return 0
         raise DeviceError(f"request type {req.type.name} not supported", status=Status.UNSUPP)
 
@@ -549,6 +560,37 @@ class BlkDevice(Device):
             self._native.close()
             self._native = None
         await self.storage.aclose()
+
+    # -- dirty tracking (for a mirror) -----------------------------------------------------
+
+    def _mark_dirty(self, offset: int, length: int) -> None:
+        if self._dirty is not None:
+            self._dirty.mark(offset, length)
+
+    @property
+    def dirty(self) -> DirtyBitmap | None:
+        return self._dirty
+
+    async def track_dirty(self, bitmap: DirtyBitmap | None) -> None:
+        """Start (or with None stop) marking every completed write in ``bitmap``.
+
+        Every queue is held for the change, so from the moment this returns
+        no completed write goes unmarked (on either data path), and a stopped
+        bitmap is no longer touched by any engine.
+        """
+        runtime = self.runtime
+        if runtime is not None:
+            await runtime.hold()
+        try:
+            self._dirty = bitmap
+            cfg = self._cfg
+            if bitmap is None:
+                cfg.dirty, cfg.dirty_bits, cfg.dirty_shift = ffi.NULL, 0, 0
+            else:
+                cfg.dirty, cfg.dirty_bits, cfg.dirty_shift = bitmap.cdata, bitmap.nbits, bitmap.shift
+        finally:
+            if runtime is not None:
+                runtime.release()
 
     # -- live storage changes ------------------------------------------------------------
 

@@ -929,3 +929,34 @@ async def test_swap_that_changes_path_answers_every_request(direction: str) -> N
         bases = await vm.stop()
         assert bases == [7], bases         # 3 + 3 + 1 requests, every one answered
     await slow.aclose()
+
+
+async def test_dirty_tracking_marks_completed_writes_on_both_paths(tmp_path) -> None:
+    # What a mirror relies on: from track_dirty() on, every completed write,
+    # discard and write-zeroes marks its blocks; reads do not; after
+    # track_dirty(None) nothing does.  The dataplane fixture runs this on the
+    # Python path and on the native engine (file storage has both).
+    from backends.blk.dirty import DirtyBitmap
+
+    storage = await open_storage("file:" + make_image(str(tmp_path / "d.img")))
+    device = BlkDevice(storage)
+    gran = 64 << 10
+    async with device_pair(device) as vm:
+        await write_ok(vm, 0, pattern(SECTOR, 1))          # before tracking: not marked
+        bitmap = DirtyBitmap(DISK, gran)
+        await device.track_dirty(bitmap)
+        await write_ok(vm, (3 * gran) // SECTOR + 5, pattern(2 * SECTOR, 2))
+        await read_ok(vm, (5 * gran) // SECTOR, SECTOR)
+        # a write across a block boundary marks both blocks
+        await write_ok(vm, (7 * gran) // SECTOR - 1, pattern(2 * SECTOR, 3))
+        used = await vm.request(0, [header(T_DISCARD), Buffer.readable(segment((9 * gran) // SECTOR, 8)),
+                                    Buffer.writable(1)])
+        assert status(used) == S_OK
+        assert list(bitmap.take_blocks()) == [3, 6, 7, 9]
+        assert list(bitmap.take_blocks()) == []              # taken means cleared
+        await write_ok(vm, (3 * gran) // SECTOR, pattern(SECTOR, 4))
+        assert bitmap.count() == 1
+        await device.track_dirty(None)
+        await write_ok(vm, (11 * gran) // SECTOR, pattern(SECTOR, 5))
+        assert list(bitmap.take_blocks()) == [3]
+    await storage.aclose()
