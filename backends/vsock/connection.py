@@ -239,7 +239,7 @@ class Connection:
             self._violate(Violation.CREDIT_OVERFLOW)
             return
         self.rx_cnt = u32(self.rx_cnt + hdr.len)
-        if self.host_hangup:
+        if self.host_hangup or self.state is ConnState.CLOSING:
             # Nobody will read it: count it as forwarded so the credit stays consistent.
             self.fwd_cnt = u32(self.fwd_cnt + hdr.len)
             return
@@ -378,6 +378,10 @@ class Connection:
         virtio 1.2 §5.10.6.5: "Clean disconnect is achieved by one or more
         VIRTIO_VSOCK_OP_SHUTDOWN packets that indicate no more data will be sent
         and received, followed by a VIRTIO_VSOCK_OP_RST response from the peer."
+        So: when the guest shut down both ways we answer with RST (once what it
+        sent reached the host); otherwise we send SHUTDOWN with both flags and
+        the guest answers with RST (Linux does so at once, or when its
+        application closes).  A timer bounds the wait either way.
         """
         if self.state not in (ConnState.ESTABLISHED, ConnState.CLOSING):
             return
@@ -388,12 +392,13 @@ class Connection:
         if self.state is ConnState.ESTABLISHED:
             self.state = ConnState.CLOSING
             self.deadline = self.clock() + CLOSE_TIMEOUT
-        if self.host_hangup and not self.peer_shutdown:
-            return     # our SHUTDOWN(BOTH) is owed or sent: the guest answers with RST
-        delivered = (not self.to_guest and not self.pending & Pending.SHUTDOWN) \
-            or bool(self.peer_shutdown & Shutdown.RCV)
-        if not self.to_host and delivered:
+        if self.to_host:
+            return     # the guest's last bytes first
+        if self.peer_shutdown == Shutdown.BOTH:
             self.reset()
+        elif self.shutdown_flags != Shutdown.BOTH:
+            self.shutdown_flags = Shutdown.BOTH
+            self.pending |= Pending.SHUTDOWN
 
     def on_timeout(self) -> None:
         """The deadline passed: an unanswered REQUEST or a close that never completed."""

@@ -91,7 +91,7 @@ def is_live_socket(path: str) -> bool:
         probe.close()
 
 
-def listen_unix(path: str, *, what: str, backlog: int = 128) -> socket.socket:
+def listen_unix(path: str, *, what: str, backlog: int = socket.SOMAXCONN) -> socket.socket:
     """Listen on ``path``; a stale socket there is replaced, a live one or a non-socket refused.
 
     Raises:

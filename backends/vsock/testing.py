@@ -20,10 +20,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from vdev.testing import Buffer, VirtioFrontend, device_pair
+from vhost_user.frontend import Frontend
+from vhost_user.messages import VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature, VringAddr
 
 from .device import VsockDevice
 from .packet import (
@@ -62,6 +65,45 @@ class VsockFrontend(VirtioFrontend):
         super()._on_call(index, fd)
         self.activity.set()
 
+    async def reconnect(self, path: str, *, timeout: float = 10.0) -> None:
+        """Drop the vhost-user connection and come back as the same guest.
+
+        What a VMM that supports back-end reconnection does (vhost-user-blk in
+        QEMU, for one): a new connection and handshake, the same guest memory,
+        every ring resumed where the device left it (at its used index).
+        ``path`` may belong to a restarted daemon; we retry until it listens.
+        """
+        loop = asyncio.get_running_loop()
+        for fd in self.calls:
+            loop.remove_reader(fd)
+        await self.fe.close()
+        for fd in self.kicks + self.calls:
+            os.close(fd)
+        self.kicks, self.calls = [], []
+        fe = await Frontend.connect(path, timeout=timeout)
+        offered, proto = await fe.handshake(want_protocol=self.protocol)
+        if proto & ProtocolFeature.BACKEND_REQ:
+            await fe.set_backend_req_fd()
+        await fe.set_features(offered & self.features)
+        await fe.set_mem_table(self.mem.vhost_regions, self.mem.fds)
+        self.fe = fe
+        for i, q in enumerate(self.queues):
+            kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self.kicks.append(kick)
+            self.calls.append(call)
+            await fe.set_vring_num(i, q.size)
+            await fe.set_vring_base(i, q.used_idx)
+            await fe.set_vring_addr(VringAddr(i, 0, self.mem.guest_to_frontend(q.desc),
+                                              self.mem.guest_to_frontend(q.used),
+                                              self.mem.guest_to_frontend(q.avail)))
+            await fe.set_vring_kick(i, kick)
+            await fe.set_vring_call(i, call)
+            if self.features & VHOST_USER_F_PROTOCOL_FEATURES:
+                await fe.set_vring_enable(i, True)
+            loop.add_reader(call, self._on_call, i, call)
+        self.activity.set()
+
 
 class GuestStream:
     """One guest AF_VSOCK stream socket (see the module docstring).
@@ -88,6 +130,9 @@ class GuestStream:
         self.tx_cnt = 0
         self.peer_shutdown = Shutdown(0)
         self.shut = Shutdown(0)
+        #: The device sent RST (on an open connection Linux reads that as end of stream).
+        self.got_rst = False
+        #: The connection was reset by a TRANSPORT_RESET: reading fails with ECONNRESET.
         self.was_reset = False
         self.changed = asyncio.Event()
 
@@ -116,7 +161,8 @@ class GuestStream:
         self.peer_fwd_cnt = hdr.fwd_cnt
         op = hdr.op
         if op == Op.RST:
-            self.was_reset = self.state != "closing"
+            self.got_rst = True
+            self.peer_shutdown = Shutdown.BOTH
             self._closed()
         elif op == Op.RESPONSE:
             if self.state == "connecting":
@@ -251,6 +297,9 @@ class VsockGuest:
         self.violations: list[str] = []
         self.events: list[int] = []
         self.received: collections.Counter[str] = collections.Counter()
+        #: Every header received, in order, when ``record`` is set.
+        self.record = False
+        self.log: list[Header] = []
         self._out: collections.deque[tuple[Header, bytes]] = collections.deque()
         self._next_port = EPHEMERAL_FIRST
         self._pump_task: asyncio.Task[None] | None = None
@@ -367,6 +416,8 @@ class VsockGuest:
         hdr = Header.unpack(packet)
         payload = packet[HEADER_SIZE:]
         self.received[hdr.op_name] += 1
+        if self.record:
+            self.log.append(hdr)
         if hdr.dst_cid != self.cid:
             self.violations.append(f"packet for CID {hdr.dst_cid}, we are {self.cid}: {hdr}")
             return

@@ -211,8 +211,13 @@ def test_host_half_close_lets_the_guest_keep_sending(clock: Clock) -> None:
     assert conn.host_pending() == b"reply"
     conn.on_host_written(5)
     conn.on_packet(g(Op.SHUTDOWN, flags=Shutdown.SEND))
-    assert conn.wants_shut_write() is False   # nothing left: the close completes instead
-    assert ops(conn) == ["RST"] and conn.finished
+    # Both directions are done: we say so with both flags and wait for the guest's RST.
+    assert conn.state is ConnState.CLOSING and conn.wants_shut_write()
+    conn.on_shut_write()
+    [(shut, _)] = list(drain(conn))
+    assert (shut.op, shut.flags) == (Op.SHUTDOWN, Shutdown.BOTH)
+    conn.on_packet(g(Op.RST))
+    assert conn.finished and ops(conn) == []
 
 
 def test_guest_half_close_shuts_the_host_write_half_after_the_data(clock: Clock) -> None:
