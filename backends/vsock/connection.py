@@ -333,6 +333,8 @@ class Connection:
             self._maybe_volunteer_credit()
         if not self.to_host:
             self._check_close()
+        elif self.state is ConnState.CLOSING:
+            self.deadline = self.clock() + CLOSE_TIMEOUT    # still moving: keep waiting
 
     def wants_shut_write(self) -> bool:
         """The guest will send no more and everything reached the host: shut its write half."""
@@ -389,16 +391,20 @@ class Connection:
         to_guest_done = self.host_eof or bool(self.peer_shutdown & Shutdown.RCV)
         if not (to_host_done and to_guest_done):
             return
-        if self.state is ConnState.ESTABLISHED:
-            self.state = ConnState.CLOSING
-            self.deadline = self.clock() + CLOSE_TIMEOUT
+        self.state = ConnState.CLOSING
         if self.to_host:
-            return     # the guest's last bytes first
+            # The guest's last bytes first; a host that stops reading them ends it.
+            if self.deadline is None:
+                self.deadline = self.clock() + CLOSE_TIMEOUT
+            return
         if self.peer_shutdown == Shutdown.BOTH:
             self.reset()
-        elif self.shutdown_flags != Shutdown.BOTH:
+            return
+        if self.shutdown_flags != Shutdown.BOTH:
             self.shutdown_flags = Shutdown.BOTH
             self.pending |= Pending.SHUTDOWN
+        if self.pending & Pending.SHUTDOWN:
+            self.deadline = None     # armed when the SHUTDOWN goes out, after the data
 
     def on_timeout(self) -> None:
         """The deadline passed: an unanswered REQUEST or a close that never completed."""
@@ -445,14 +451,14 @@ class Connection:
                 del self.to_guest[:n]
                 self.tx_cnt = u32(self.tx_cnt + n)
                 self.bytes_to_guest += n
-                hdr = self._header(Op.RW, length=n)
-                if not self.to_guest:
-                    self._check_close()
-                return hdr, data
+                return self._header(Op.RW, length=n), data
         if p & Pending.SHUTDOWN and not self.to_guest:
             self.pending &= ~Pending.SHUTDOWN
             hdr = self._header(Op.SHUTDOWN, flags=int(self.shutdown_flags))
-            self._check_close()
+            if self.shutdown_flags == Shutdown.BOTH and self.state is ConnState.CLOSING:
+                # Everything was delivered; now the guest owes the RST.  Linux sends it
+                # when its application closes; do not wait for ever.
+                self.deadline = self.clock() + CLOSE_TIMEOUT
             return hdr, b""
         if p & Pending.CREDIT_REQUEST:
             self.pending &= ~Pending.CREDIT_REQUEST

@@ -65,6 +65,9 @@ LINE_TIMEOUT = 10.0
 CONTROL_QUEUE_MAX = 1024
 #: Host-side ports of host-initiated connections start here (as in Firecracker).
 LOCAL_PORT_FIRST = 1 << 30
+#: How many ended connections, for how long, a late packet is not counted as a mistake.
+RECENTLY_CLOSED_MAX = 4096
+RECENTLY_CLOSED_TTL = 30.0
 #: Connections accepted per listener callback, so a connect storm does not hog the loop.
 ACCEPT_BATCH = 64
 
@@ -208,6 +211,7 @@ class Muxer:
         self._rx: collections.deque[_Link] = collections.deque()
         self._control: collections.deque[Header] = collections.deque()
         self._local_ports: set[int] = set()
+        self._recently_closed: collections.OrderedDict[tuple[int, int, int], float] = collections.OrderedDict()
         self._next_port = LOCAL_PORT_FIRST
         self.errors: collections.Counter[str] = collections.Counter({c: 0 for c in ERROR_CAUSES})
         self.stats: collections.Counter[str] = collections.Counter()
@@ -368,8 +372,14 @@ class Muxer:
             elif hdr.op == Op.REQUEST:
                 self._guest_connect(hdr)
             elif hdr.op != Op.RST:
-                # virtio 1.2 §5.10.6.5: no socket at the destination → RST.
-                self.errors["unknown_connection"] += 1
+                # virtio 1.2 §5.10.6.5: no socket at the destination → RST.  A packet for a
+                # connection that just ended is not a mistake: Linux sends a SHUTDOWN
+                # after its RST when an application shuts down a reset socket.
+                if key in self._recently_closed:
+                    self.stats["late_packets"] += 1
+                else:
+                    self.errors["unknown_connection"] += 1
+                    log.debug("vsock: no connection for %s", hdr)
                 self._queue_rst(hdr)
             return
         conn = link.conn
@@ -588,6 +598,7 @@ class Muxer:
         conn = link.conn
         if self.links.get(conn.key) is link:
             del self.links[conn.key]
+        self._remember_closed(conn.key)
         if link.kind == "host":
             self._local_ports.discard(conn.local_port)
         if link.reading:
@@ -597,6 +608,16 @@ class Muxer:
         if link.timer is not None:
             link.timer.cancel()
         link.sock.close()
+
+    def _remember_closed(self, key: tuple[int, int, int]) -> None:
+        """Keep a bounded, short memory of ended connections (see `send_pkt`)."""
+        now = self.loop.time()
+        closed = self._recently_closed
+        closed[key] = now
+        closed.move_to_end(key)
+        while closed and (len(closed) > RECENTLY_CLOSED_MAX
+                          or next(iter(closed.values())) < now - RECENTLY_CLOSED_TTL):
+            closed.popitem(last=False)
 
     # -- life cycle ---------------------------------------------------------------------------------------
 

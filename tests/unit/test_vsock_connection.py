@@ -287,3 +287,32 @@ def test_host_error_resets(clock: Clock) -> None:
     conn.on_packet(g(Op.RW, length=4), [b"data"])
     conn.on_host_error()
     assert conn.host_pending() == b"" and ops(conn) == ["RST"] and conn.finished
+
+
+def test_data_owed_to_a_slow_guest_after_a_hangup_is_never_cut_short(clock: Clock) -> None:
+    conn = established(clock, buf_alloc=4096)
+    conn.on_host_data(b"d" * 4096)
+    assert [h.len for h, _ in drain(conn)] == [4096]
+    conn.to_guest += b"e" * 1000                 # read before the host hung up
+    conn.on_host_eof(hangup=True)
+    assert conn.state is ConnState.CLOSING and conn.deadline is None
+    clock.now += 10 * CLOSE_TIMEOUT              # the guest takes its time reading
+    conn.on_timeout()
+    assert conn.state is ConnState.CLOSING
+    conn.on_packet(g(Op.CREDIT_UPDATE, buf_alloc=4096, fwd_cnt=4096))
+    got = [(Op(h.op).name, len(d)) for h, d in drain(conn)]
+    assert got == [("RW", 1000), ("SHUTDOWN", 0)]
+    assert conn.deadline == clock.now + CLOSE_TIMEOUT     # now the guest owes the RST
+
+
+def test_a_host_still_reading_keeps_a_closing_connection_alive(clock: Clock) -> None:
+    conn = established(clock)
+    conn.on_packet(g(Op.RW, length=3000), [b"x" * 3000])
+    conn.on_packet(g(Op.SHUTDOWN, flags=Shutdown.BOTH))
+    for _ in range(5):
+        clock.now += CLOSE_TIMEOUT - 1
+        conn.on_host_written(500)                # slow, but moving
+        conn.on_timeout()
+        assert conn.state is ConnState.CLOSING
+    conn.on_host_written(500)
+    assert ops(conn) == ["RST"]

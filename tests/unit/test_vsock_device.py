@@ -481,6 +481,22 @@ async def test_oversized_and_mid_connection_bad_packets_reset_that_connection_on
         w2.close()
 
 
+async def test_late_packets_of_a_closed_connection_are_not_counted_as_mistakes(short_dir: str) -> None:
+    async with guest_on(short_dir) as (device, guest, uds):
+        accepted = guest.listen(1)
+        _reader, writer, _ = await host_connect(uds, 1)
+        stream = await accepted.get()
+        await stream.close()
+        # What Linux sends when socat shuts down a socket that was already reset.
+        raw(guest, Header(CID, 2, stream.local_port, stream.peer_port, 0, SockType.STREAM, Op.SHUTDOWN,
+                          3, 65536, 0))
+        raw(guest, pkt(Op.SHUTDOWN, sport=41000))                   # never existed
+        await until(lambda: device.muxer.errors["unknown_connection"] == 1)
+        await until(lambda: len([h for h in guest.orphans if h.op == Op.RST]) == 2)
+        assert device.muxer.stats["late_packets"] == 1
+        writer.close()
+
+
 async def test_control_info_reports_counters(short_dir: str) -> None:
     async with guest_on(short_dir) as (device, guest, uds):
         ctl = ControlServer(os.path.join(short_dir, "ctl"), control_handlers(device))
