@@ -70,6 +70,8 @@ RECENTLY_CLOSED_MAX = 4096
 RECENTLY_CLOSED_TTL = 30.0
 #: Connections accepted per listener callback, so a connect storm does not hog the loop.
 ACCEPT_BATCH = 64
+#: After accept() failed (out of fds), how long the listener is left alone.
+ACCEPT_RETRY = 0.1
 
 #: Causes counted in `Muxer.errors` (always present in ``info``, zero or not).
 ERROR_CAUSES = (
@@ -89,6 +91,7 @@ ERROR_CAUSES = (
     "bad_connect_line",      # host program sent no valid CONNECT line
     "bad_sibling_line",      # sibling daemon sent no valid handshake line
     "host_io_error",         # reading or writing a host socket failed: connection reset
+    "accept_failed",         # accept() on a listener failed (out of file descriptors)
 )
 
 
@@ -242,15 +245,23 @@ class Muxer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:      # EMFILE and the like: say so, keep serving
-                if exc.errno in (errno.EMFILE, errno.ENFILE):
-                    log.warning("vsock: cannot accept on %s: %s", kind, exc)
-                    return
-                raise
+                # The connection stays in the backlog and the listener stays readable:
+                # look away for a moment instead of spinning on it.
+                log.warning("vsock: cannot accept a %s connection: %s", kind, exc)
+                self.errors["accept_failed"] += 1
+                fd = listener.fileno()
+                self.loop.remove_reader(fd)
+                self.loop.call_later(ACCEPT_RETRY, self._rewatch, listener, kind)
+                return
             sock.setblocking(False)
             g = _Greeter(sock, kind, sock.fileno())
             self.greeters[g.fd] = g
             self.loop.add_reader(g.fd, self._on_greeter, g)
             g.timer = self.loop.call_later(LINE_TIMEOUT, self._drop_greeter, g, "no handshake line")
+
+    def _rewatch(self, listener: socket.socket, kind: str) -> None:
+        if any(sock is listener for sock, _k, _p in self._listeners):
+            self.loop.add_reader(listener.fileno(), self._accept, listener, kind)
 
     def _drop_greeter(self, g: _Greeter, why: str | None = None) -> None:
         if self.greeters.pop(g.fd, None) is None:

@@ -237,3 +237,40 @@ def test_a_low_open_file_limit_is_raised_or_reported(short_dir: str) -> None:
                nofile=256).start()
     assert d.stop() == 0
     assert "open-file limit is 256" in d.log(), d.log()
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def test_out_of_file_descriptors_the_daemon_backs_off_and_recovers(short_dir: str) -> None:
+    uds, ctl = os.path.join(short_dir, "v.sock"), os.path.join(short_dir, "ctl")
+    d = Daemon(short_dir, "d", "--guest-cid", "3", "--uds-path", uds, "--control", ctl, nofile=64).start()
+    assert d.proc is not None
+    flood = []
+    try:
+        for _ in range(100):               # more than the daemon can accept: they wait in the backlog
+            flood.append(await asyncio.open_unix_connection(uds))
+        await asyncio.sleep(0.3)
+        before = _cpu_seconds(d.proc.pid)
+        await asyncio.sleep(1.0)
+        # Not spinning on a listener it cannot accept from (that would be ~1 s of CPU).
+        assert _cpu_seconds(d.proc.pid) - before < 0.5
+    finally:
+        for _r, w in flood:
+            w.close()
+    await asyncio.sleep(0.5)
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "vdev", "ctl", ctl, "info",
+                                                stdout=subprocess.PIPE)
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    info = json.loads(out)
+    assert info["errors"]["accept_failed"] >= 1, info
+    # It serves again: a host program gets through to the handshake.
+    reader, writer = await asyncio.open_unix_connection(uds)
+    writer.write(b"HELLO\n")
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+    writer.close()
+    assert d.stop() == 0, d.log()
+    assert "cannot accept" in d.log()
