@@ -43,13 +43,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from backends.vsock.device import VsockDevice
+from backends.vsock.testing import vsock_pair
+from vdev import __version__ as VDEV_VERSION
+from vdev.testing.guest import build_guest_image, run_in_guest
 
-from backends.vsock.device import VsockDevice  # noqa: E402
-from backends.vsock.testing import vsock_pair  # noqa: E402
-from vdev import __version__ as VDEV_VERSION  # noqa: E402
-from vdev.testing.guest import build_guest_image, run_in_guest  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 MiB = 1 << 20
 CHUNK = 256 * 1024
@@ -201,14 +200,13 @@ def build_helper(tmp: Path) -> bytes:
 async def with_guest(tmp: Path, total: int, count: int) -> tuple[float, float, float]:
     image = build_guest_image()
     sock, uds = tmp / "vhost.sock", tmp / "vm.vsock"
-    log = open(tmp / "vdev.log", "wb")
-    daemon = subprocess.Popen([sys.executable, "-m", "vdev", "vsock", "--socket", str(sock), "--guest-cid", "7",
-                               "--uds-path", str(uds), "--log-level", "warning"], stdout=log,
-                              stderr=subprocess.STDOUT, cwd=ROOT)
+    daemon = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "vdev", "vsock", "--socket", str(sock), "--guest-cid", "7", "--uds-path", str(uds),
+        "--log-level", "warning", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
     try:
         while not sock.exists():
-            if daemon.poll() is not None:
-                raise SystemExit(f"vdev vsock exited: {(tmp / 'vdev.log').read_text()}")
+            if daemon.returncode is not None:
+                raise SystemExit("vdev vsock exited before listening")
             await asyncio.sleep(0.02)
         results: dict[str, float] = {}
         upload_done: asyncio.Future[float] = asyncio.get_running_loop().create_future()
@@ -248,8 +246,9 @@ async def with_guest(tmp: Path, total: int, count: int) -> tuple[float, float, f
         return results["down"], results["up"], results["connects"]
     finally:
         daemon.terminate()
-        daemon.wait(10)
-        log.close()
+        out, _ = await daemon.communicate()
+        if out.strip():
+            print(f"vdev vsock said:\n{out.decode(errors='replace')}", file=sys.stderr)
 
 
 # -- through vdev vsock with the in-process guest stack ------------------------------------------------------
