@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backends.vsock.device import VsockDevice
+from backends.vsock.packet import Shutdown
 from backends.vsock.testing import vsock_pair
 from vdev import __version__ as VDEV_VERSION
 from vdev.testing.guest import build_guest_image, run_in_guest
@@ -275,7 +276,7 @@ async def in_process(tmp: Path, total: int, count: int) -> tuple[float, float, f
 
             async def run() -> None:
                 await s.send(bytes(total))
-                s.shutdown(2)
+                s.shutdown(Shutdown.SEND)
             return asyncio.create_task(run())
 
         up = mib_s(total, await receive_bytes(f"{uds}_5001", total, start_guest))

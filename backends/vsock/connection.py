@@ -85,16 +85,28 @@ class ConnState(enum.Enum):
     CLOSED = "closed"
 
 
-class Pending(enum.Flag):
-    """Control packets owed to the guest."""
+class Pending:
+    """Control packets owed to the guest: bits of `Connection.pending`.
+
+    Plain ints, not an ``enum.Flag``: these are tested on every packet, and
+    Flag arithmetic costs a few microseconds each time.
+    """
 
     NONE = 0
-    REQUEST = enum.auto()
-    RESPONSE = enum.auto()
-    RST = enum.auto()
-    SHUTDOWN = enum.auto()
-    CREDIT_UPDATE = enum.auto()
-    CREDIT_REQUEST = enum.auto()
+    REQUEST = 1
+    RESPONSE = 2
+    RST = 4
+    SHUTDOWN = 8
+    CREDIT_UPDATE = 16
+    CREDIT_REQUEST = 32
+    #: Everything `next_rx` sends regardless of data and credit.
+    CONTROL = REQUEST | RESPONSE | RST | CREDIT_UPDATE | CREDIT_REQUEST
+
+
+#: Shutdown flags (`packet.Shutdown`) as plain ints, for the same reason.
+RCV = int(Shutdown.RCV)
+SEND = int(Shutdown.SEND)
+BOTH = int(Shutdown.BOTH)
 
 
 class Violation(str, enum.Enum):
@@ -135,11 +147,11 @@ class Connection:
         self.to_guest = bytearray()
         self.credit_requested = False
         # Shutdown flags: what the guest told us, what the host side did.
-        self.peer_shutdown = Shutdown(0)
+        self.peer_shutdown = 0
         self.host_eof = False          # the host will send no more
         self.host_hangup = False       # ... and reads no more either (fully closed)
         self.host_write_shut = False   # we shut the host's write half (guest sent SHUTDOWN(SEND))
-        self.shutdown_flags = Shutdown(0)   # the SHUTDOWN owed to the guest
+        self.shutdown_flags = 0            # the SHUTDOWN owed to the guest (RCV/SEND bits)
         self.pending = Pending.NONE
         self.deadline: float | None = None
         #: Bytes written to the host when a LOCAL_INIT connection is accepted (``OK <port>\n``).
@@ -179,7 +191,7 @@ class Connection:
         if (self.fwd_cnt != self.last_fwd_cnt_sent
                 and self._guest_view_of_free() < CREDIT_UPDATE_THRESHOLD
                 and self.state in (ConnState.ESTABLISHED, ConnState.CLOSING)
-                and not self.peer_shutdown & Shutdown.SEND):
+                and not self.peer_shutdown & SEND):
             self.pending |= Pending.CREDIT_UPDATE
 
     # -- from the guest ----------------------------------------------------------------------
@@ -224,14 +236,14 @@ class Connection:
         elif op == Op.CREDIT_REQUEST:
             self.pending |= Pending.CREDIT_UPDATE
         elif op == Op.SHUTDOWN:
-            self._on_shutdown(Shutdown(hdr.flags & Shutdown.BOTH))
+            self._on_shutdown(hdr.flags & BOTH)
         else:          # REQUEST or RESPONSE on a live connection
             self._violate(Violation.UNEXPECTED_OP)
 
     def _on_rw(self, hdr: Header, payload: Iterable[bytes | memoryview]) -> None:
         if hdr.len == 0:
             return
-        if self.peer_shutdown & Shutdown.SEND:
+        if self.peer_shutdown & SEND:
             self._violate(Violation.DATA_AFTER_SHUTDOWN)
             return
         # virtio 1.2 §5.10.6.3: RW only "when the peer has sufficient free buffer space".
@@ -246,10 +258,10 @@ class Connection:
         for chunk in payload:
             self.to_host += chunk
 
-    def _on_shutdown(self, flags: Shutdown) -> None:
+    def _on_shutdown(self, flags: int) -> None:
         # virtio 1.2 §5.10.6.5: the hints are permanent; later packets only add to them.
         self.peer_shutdown |= flags
-        if self.peer_shutdown & Shutdown.RCV:
+        if self.peer_shutdown & RCV:
             self.to_guest.clear()
             self.pending &= ~Pending.CREDIT_REQUEST
         self._check_close()
@@ -258,7 +270,7 @@ class Connection:
 
     def reading_allowed(self) -> bool:
         return (self.state is ConnState.ESTABLISHED and not self.host_eof
-                and not self.peer_shutdown & Shutdown.RCV)
+                and not self.peer_shutdown & RCV)
 
     def host_read_budget(self) -> int:
         """How many bytes may be read from the host now (0: stop reading)."""
@@ -295,11 +307,11 @@ class Connection:
             # The host gave up before the guest answered (or the sibling refused).
             self.reset()
             return
-        if not self.shutdown_flags & Shutdown.SEND:
+        if not self.shutdown_flags & SEND:
             # Data already read goes first; the SHUTDOWN follows it (see next_rx).
             # A hang-up is Firecracker's LocalClosed: nothing can move any more, so we
             # ask the guest to close both ways and wait for its RST.
-            self.shutdown_flags |= Shutdown.BOTH if hangup else Shutdown.SEND
+            self.shutdown_flags |= BOTH if hangup else SEND
             self.pending |= Pending.SHUTDOWN
         self._check_close()
 
@@ -338,7 +350,7 @@ class Connection:
 
     def wants_shut_write(self) -> bool:
         """The guest will send no more and everything reached the host: shut its write half."""
-        return (bool(self.peer_shutdown & Shutdown.SEND) and not self.to_host
+        return (bool(self.peer_shutdown & SEND) and not self.to_host
                 and not self.host_write_shut and not self.host_hangup
                 and self.state in (ConnState.ESTABLISHED, ConnState.CLOSING))
 
@@ -387,8 +399,8 @@ class Connection:
         """
         if self.state not in (ConnState.ESTABLISHED, ConnState.CLOSING):
             return
-        to_host_done = bool(self.peer_shutdown & Shutdown.SEND) or self.host_hangup
-        to_guest_done = self.host_eof or bool(self.peer_shutdown & Shutdown.RCV)
+        to_host_done = bool(self.peer_shutdown & SEND) or self.host_hangup
+        to_guest_done = self.host_eof or bool(self.peer_shutdown & RCV)
         if not (to_host_done and to_guest_done):
             return
         self.state = ConnState.CLOSING
@@ -397,11 +409,11 @@ class Connection:
             if self.deadline is None:
                 self.deadline = self.clock() + CLOSE_TIMEOUT
             return
-        if self.peer_shutdown == Shutdown.BOTH:
+        if self.peer_shutdown == BOTH:
             self.reset()
             return
-        if self.shutdown_flags != Shutdown.BOTH:
-            self.shutdown_flags = Shutdown.BOTH
+        if self.shutdown_flags != BOTH:
+            self.shutdown_flags = BOTH
             self.pending |= Pending.SHUTDOWN
         if self.pending & Pending.SHUTDOWN:
             self.deadline = None     # armed when the SHUTDOWN goes out, after the data
@@ -418,8 +430,7 @@ class Connection:
     def has_rx(self) -> bool:
         """Whether `next_rx` has a packet (for a buffer with room for one payload byte)."""
         p = self.pending
-        if p & (Pending.RST | Pending.REQUEST | Pending.RESPONSE | Pending.CREDIT_REQUEST
-                 | Pending.CREDIT_UPDATE):
+        if p & Pending.CONTROL:
             return True
         if self.to_guest:
             return self.state is not ConnState.CLOSED and self.peer_credit() > 0
@@ -454,8 +465,8 @@ class Connection:
                 return self._header(Op.RW, length=n), data
         if p & Pending.SHUTDOWN and not self.to_guest:
             self.pending &= ~Pending.SHUTDOWN
-            hdr = self._header(Op.SHUTDOWN, flags=int(self.shutdown_flags))
-            if self.shutdown_flags == Shutdown.BOTH and self.state is ConnState.CLOSING:
+            hdr = self._header(Op.SHUTDOWN, flags=self.shutdown_flags)
+            if self.shutdown_flags == BOTH and self.state is ConnState.CLOSING:
                 # Everything was delivered; now the guest owes the RST.  Linux sends it
                 # when its application closes; do not wait for ever.
                 self.deadline = self.clock() + CLOSE_TIMEOUT

@@ -202,9 +202,7 @@ class VsockDevice(Device):
                     vq.complete(chain, 0)
                     return
                 hdr, data = pkt
-                writer.write(hdr.pack())
-                if data:
-                    writer.write(data)
+                writer.write(hdr.pack() + data)     # one pass over the chain's buffers
                 vq.complete(chain, writer.written)
             except GuestError as exc:
                 log.warning("vsock: rx chain %d: %s", chain.head, exc)

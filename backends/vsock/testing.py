@@ -129,7 +129,7 @@ class GuestStream:
         self.peer_fwd_cnt = 0
         self.tx_cnt = 0
         self.peer_shutdown = Shutdown(0)
-        self.shut = Shutdown(0)
+        self.shut = 0
         #: The device sent RST (on an open connection Linux reads that as end of stream).
         self.got_rst = False
         #: The connection was reset by a TRANSPORT_RESET: reading fails with ECONNRESET.
@@ -264,7 +264,8 @@ class GuestStream:
             out += chunk
         return bytes(out)
 
-    def shutdown(self, flags: Shutdown) -> None:
+    def shutdown(self, flags: int) -> None:
+        """Send SHUTDOWN with ``flags`` (`Shutdown` bits) added to those sent before."""
         self.shut |= flags
         self.guest.transmit(self.header(Op.SHUTDOWN, flags=int(self.shut)))
 

@@ -28,7 +28,7 @@ from backends.vsock import control_handlers
 from backends.vsock.connection import BUF_ALLOC, TO_GUEST_CAP
 from backends.vsock.device import VsockDevice
 from backends.vsock.muxer import ERROR_CAUSES, raise_nofile_limit
-from backends.vsock.packet import HEADER_SIZE, Header, Op, SockType
+from backends.vsock.packet import HEADER_SIZE, Header, Op, Shutdown, SockType
 from backends.vsock.testing import GuestStream, VsockGuest, vsock_pair
 from vdev.control import ControlServer, control_request
 from vdev.testing import Buffer
@@ -179,7 +179,7 @@ async def test_guest_connects_to_the_host_socket_of_its_port(short_dir: str) -> 
             stream = await guest.connect(5000)
             payload = os.urandom(MiB + 3)
             await stream.send(payload)
-            stream.shutdown(2)                       # SEND: no more from the guest
+            stream.shutdown(Shutdown.SEND)           # no more from the guest
             assert (await stream.recv_all()).decode() == sha(payload)
             assert sha(await got) == sha(payload)
             await until(lambda: stream.state == "closed")
