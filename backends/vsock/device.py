@@ -119,14 +119,26 @@ class VsockDevice(Device):
         """First pass over a (re)started queue, before anything was taken from it.
 
         A ring that starts already moved in the first start of a session was
-        served by another back end (a daemon that died, restarted); a restart
-        within the session (the VM paused and resumed) is not a reset.
+        served by another back end (a daemon that died, restarted): the guest
+        gets a TRANSPORT_RESET.  A restart within the session where the VM paused
+        and resumed (the ring resumes where it stopped) changes nothing; one from
+        zero means the driver started over.
         """
-        first = vq.index not in self._seen
+        previous = self._seen.get(vq.index)
         self._seen[vq.index] = vq
         self._session = True
         q = vq.queue
-        if first and (q.next_avail != 0 or q.next_used != 0):
+        if (previous is not None and previous.queue.next_avail != 0
+                and q.next_avail == 0 and q.next_used == 0):
+            # Stopped after use and started again from nothing: the driver set the
+            # device up afresh (guest reboot, driver reloaded).  The guest dropped its
+            # sockets itself; drop ours so host programs see their end.  QEMU 7.2 says
+            # no more than this (no SET_STATUS 0, no RESET_DEVICE) when a guest resets
+            # the device.
+            closed = self.muxer.reset()
+            log.info("vsock: queue %d restarted from 0 after %d: the driver reinitialised the "
+                     "device; %d connection(s) closed", vq.index, previous.queue.next_avail, closed)
+        elif previous is None and (q.next_avail != 0 or q.next_used != 0):
             # Our predecessor (a daemon that died, or this one before a reconnect)
             # left connections in the guest that no longer exist on the host.
             if not self.transport_reset_pending:

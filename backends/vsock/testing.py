@@ -24,7 +24,7 @@ import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from vdev.testing import Buffer, VirtioFrontend, device_pair
+from vdev.testing import Buffer, DriverQueue, VirtioFrontend, device_pair
 from vhost_user.frontend import Frontend
 from vhost_user.messages import VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature, VringAddr
 
@@ -64,6 +64,32 @@ class VsockFrontend(VirtioFrontend):
     def _on_call(self, index: int, fd: int) -> None:
         super()._on_call(index, fd)
         self.activity.set()
+
+    async def reinitialize(self) -> None:
+        """Set the rings up again from nothing, as a driver does after a guest reboot.
+
+        Stops every ring (GET_VRING_BASE), lays out fresh zeroed rings at the
+        same addresses and starts them at index 0, on the same connection.
+        """
+        await self.stop()
+        for i, q in enumerate(self.queues):
+            for _descs, bufs, table in q.chains.values():
+                for addr, n, _w in bufs:
+                    q.alloc.release(addr, n)
+                if table is not None:
+                    q.alloc.release(table, 16 * len(bufs))
+            fresh = DriverQueue(self.mem, q.size, q.desc, data_start=0, data_size=0, event_idx=q.event_idx)
+            fresh.alloc = q.alloc
+            self.queues[i] = fresh
+            await self.fe.set_vring_num(i, q.size)
+            await self.fe.set_vring_base(i, 0)
+            await self.fe.set_vring_addr(VringAddr(i, 0, self.mem.guest_to_frontend(fresh.desc),
+                                                   self.mem.guest_to_frontend(fresh.used),
+                                                   self.mem.guest_to_frontend(fresh.avail)))
+            await self.fe.set_vring_kick(i, self.kicks[i])
+            await self.fe.set_vring_call(i, self.calls[i])
+            if self.features & VHOST_USER_F_PROTOCOL_FEATURES:
+                await self.fe.set_vring_enable(i, True)
 
     async def reconnect(self, path: str, *, timeout: float = 10.0) -> None:
         """Drop the vhost-user connection and come back as the same guest.
@@ -330,6 +356,16 @@ class VsockGuest:
             posted += 1
         if posted:
             self.vm.kick(RX_QUEUE)
+
+    async def reinitialize(self) -> None:
+        """A guest reboot as the device sees it: every socket gone, rings set up afresh."""
+        await self.stop()
+        for stream in list(self.streams.values()):
+            stream.was_reset = True
+            stream._closed()
+        self._out.clear()
+        await self.vm.reinitialize()
+        self.start()
 
     def post_event_buffers(self, n: int = 1) -> None:
         for _ in range(n):

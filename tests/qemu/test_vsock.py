@@ -21,6 +21,7 @@ with a real daemon restart and an in-process VMM that does reconnect
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import shutil
@@ -95,10 +96,17 @@ for i in $(seq 1 32); do
 done
 wait
 echo done
+socat -u VSOCK-LISTEN:5003 STDOUT > /tmp/held &
+for i in $(seq 1 150); do grep -q hold /tmp/held 2>/dev/null && break; sleep 0.2; done
+echo "held=$(cat /tmp/held)"
+drv=/sys/bus/virtio/drivers/vmw_vsock_virtio_transport
+dev=$(basename $(ls -d $drv/virtio*))
+echo $dev > $drv/unbind && echo $dev > $drv/bind && echo rebound
+echo "host-saw=$(echo again | socat -t 60 STDIO VSOCK-CONNECT:2:5004)"
 """
 
 
-async def test_guest_cid_16_mib_each_way_and_32_connections(guest_image: GuestImage, vdev_daemon,
+async def test_guest_cid_16_mib_each_way_32_connections_and_a_driver_restart(guest_image: GuestImage, vdev_daemon,
                                                             short_dir: Path, vsock_cid_tool: bytes) -> None:
     sock, uds, ctl = short_dir / "vhost.sock", short_dir / "vm.vsock", short_dir / "ctl"
     vdev_daemon("vsock", "--socket", str(sock), "--guest-cid", "7", "--uds-path", str(uds),
@@ -123,13 +131,42 @@ async def test_guest_cid_16_mib_each_way_and_32_connections(guest_image: GuestIm
         await writer.drain()
         writer.close()
 
+    # A connection the guest holds while its driver restarts (a reboot, as the device sees it).
+    async def held() -> bytes:
+        async with asyncio.timeout(300):
+            while True:
+                reader, writer = await asyncio.open_unix_connection(str(uds))
+                writer.write(b"CONNECT 5003\n")
+                if (await reader.readline()).startswith(b"OK "):
+                    break
+                writer.close()
+                await asyncio.sleep(0.5)
+            writer.write(b"hold\n")
+            data = await reader.read()              # end of stream once the driver restarts
+            writer.close()
+            return data
+
+    again: list[bytes] = []
+
+    async def after_restart(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # The restarted driver connects; answer whether the held connection has ended by now.
+        again.append(await reader.read())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(holder), 30)
+        writer.write(b"eof" if holder.done() else b"still-open")
+        await writer.drain()
+        writer.close()
+
     servers = [await asyncio.start_unix_server(upload, f"{uds}_5001"),
-               await asyncio.start_unix_server(echo, f"{uds}_5002", limit=MiB)]
+               await asyncio.start_unix_server(echo, f"{uds}_5002", limit=MiB),
+               await asyncio.start_unix_server(after_restart, f"{uds}_5004")]
     try:
         sender = asyncio.create_task(host_send(uds, 5000, down))
+        holder = asyncio.create_task(held())
         result = await run_in_guest(guest_image, GUEST_SCRIPT, timeout=400, qemu_args=vsock_args(sock),
                                     files={"/usr/bin/vsock-cid": vsock_cid_tool})
         ok_line = await asyncio.wait_for(sender, 10)
+        held_rest = await asyncio.wait_for(holder, 10)
     finally:
         for s in servers:
             s.close()
@@ -143,9 +180,13 @@ async def test_guest_cid_16_mib_each_way_and_32_connections(guest_image: GuestIm
     echoed = sorted(int(line.removeprefix("echo-ok-")) for line in out.splitlines() if line.startswith("echo-ok-"))
     assert echoed == list(range(1, 33)), out
     assert "done" in out
+    # The guest's driver started over: the host side of its old connection ended, and
+    # the new driver connects again.
+    assert "held=hold" in out and "rebound" in out and "host-saw=eof" in out, out
+    assert held_rest == b"" and again == [b"again\n"]
     info = await control_request(str(ctl), {"command": "info"})
     assert info["guest_cid"] == 7
-    assert info["stats"]["guest_connects"] == 33 and info["stats"]["host_connects"] >= 1, info
+    assert info["stats"]["guest_connects"] == 34 and info["stats"]["host_connects"] >= 2, info
     assert not any(info["errors"].values()), info["errors"]
 
 

@@ -417,6 +417,27 @@ async def test_a_restart_within_a_session_is_not_a_reset(short_dir: str) -> None
         writer.close()
 
 
+async def test_a_driver_that_starts_over_closes_the_host_side_of_every_connection(short_dir: str) -> None:
+    # A guest reboot behind QEMU 7.2: the rings stop and start again from 0 on the same
+    # vhost-user connection, with no other sign.
+    async with guest_on(short_dir, events=1) as (device, guest, uds):
+        accepted = guest.listen(5)
+        reader, writer, _ = await host_connect(uds, 5)
+        stream = await accepted.get()
+        writer.write(b"x")
+        await stream.recv_exactly(1)
+        await guest.reinitialize()
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert not device.muxer.links
+        assert guest.events == []                   # the guest knows; no TRANSPORT_RESET
+        accepted = guest.listen(5)
+        _r, w2, line = await host_connect(uds, 5)   # and it serves the new driver
+        assert line.startswith(b"OK ")
+        await accepted.get()
+        w2.close()
+        writer.close()
+
+
 # -- bad input ----------------------------------------------------------------------------------------------
 
 def raw(guest: VsockGuest, hdr: Header, payload: bytes = b"", *, buffers: list[Buffer] | None = None) -> None:
