@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PACKAGES=(qemu-system-x86 qemu-utils busybox-static fio socat iperf3 cpio nbdkit
-          python3 python3-venv python3-dev gcc libc6-dev libffi-dev xz-utils)
+          python3 python3-venv python3-dev gcc libc6-dev libffi-dev liburing-dev xz-utils)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -25,7 +25,10 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 stamp=.venv/.vdev-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ]; then
+# The native data plane (vdev/_native) is compiled by pip install: rebuild when
+# any of its sources is newer than the last install.
+native_changed=$( [ -f "$stamp" ] && find vdev/_native -newer "$stamp" \( -name '*.c' -o -name '*.h' -o -name '*.cdef' -o -name 'build.py' \) | head -n 1 || true )
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] || [ -n "$native_changed" ]; then
     .venv/bin/pip install -q --upgrade pip
     .venv/bin/pip install -q -e '.[test]'
     touch "$stamp"

@@ -92,16 +92,26 @@ def load_commands() -> dict[str, DeviceCommand]:
 
 
 def build_parser(commands: dict[str, DeviceCommand]) -> argparse.ArgumentParser:
-    parser = _Parser(prog="vdev", description="Standalone virtio device back ends over vhost-user.")
+    # The tools are not devices: they get no entry in the devices list (no
+    # help= on their subparser) and are listed apart, in the epilog.
+    parser = _Parser(prog="vdev", description="Standalone virtio device back ends over vhost-user.",
+                     epilog="tools:\n"
+                            "  ctl       send a command to a running daemon's --control socket\n"
+                            "  bench     drive a back end and measure it (vdev bench blk SOCKET …)",
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"vdev {__version__}")
     sub = parser.add_subparsers(dest="device", metavar="DEVICE", title="devices")
-    ctl = sub.add_parser("ctl", help="send a command to a running daemon's --control socket",
+    ctl = sub.add_parser("ctl",
                          description="Send one JSON command to a daemon's control socket and print "
                                      "the reply, e.g. `vdev ctl /tmp/blk.ctl swap backend=file:/b.img`.")
     ctl.error = _Parser.error.__get__(ctl)  # type: ignore[method-assign]
     ctl.add_argument("control", metavar="PATH", help="the daemon's --control socket")
     ctl.add_argument("command", help="command name (blk: info, swap, resize)")
     ctl.add_argument("params", nargs="*", metavar="KEY=VALUE", help="command parameters")
+    from .bench.cli import add_arguments as add_bench_arguments
+    bench = sub.add_parser("bench", description="Benchmarks that drive a back end the way a guest does.")
+    bench.error = _Parser.error.__get__(bench)  # type: ignore[method-assign]
+    add_bench_arguments(bench, _Parser.error)
     for name, cmd in commands.items():
         epilog = f"QEMU example:\n  {cmd.qemu_example}" if cmd.qemu_example else None
         p = sub.add_parser(name, help=cmd.summary, description=cmd.summary, epilog=epilog,
@@ -191,6 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.device == "ctl":
         return _ctl(args)
+    if args.device == "bench":
+        from .bench.cli import main as bench_main
+        return bench_main(args)
     cmd = commands[args.device]
     prog = f"vdev {args.device}"
     try:

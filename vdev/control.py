@@ -15,6 +15,16 @@ or with the built-in client: ``vdev ctl /tmp/blk.ctl info`` /
 A device command supplies the handlers: a mapping from command name to an
 ``async (request: dict) -> dict`` function.  A handler raises ValueError (or
 a VdevError) to report a failure; the server keeps serving.
+
+Hostile clients: every request line gets exactly one JSON reply, whatever it
+holds (nesting too deep for the parser, integers past CPython's 4,300-digit
+limit, bad UTF-8); error texts quote at most a few hundred characters of the
+offending value.  At most `MAX_CLIENTS` clients are connected at once (the
+next one gets a one-line JSON error and is closed) and a client that sends no
+request for `IDLE_TIMEOUT` seconds is told so and closed, so idle
+connections cannot use up the daemon's file descriptors.  When accepting
+fails for lack of descriptors (EMFILE/ENFILE), the event loop backs off and
+retries; the daemon and its guest carry on.
 """
 
 from __future__ import annotations
@@ -24,8 +34,11 @@ import contextlib
 import json
 import logging
 import os
+import socket
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
+
+from vhost_user.server import accept
 
 from .errors import VdevError
 
@@ -34,71 +47,159 @@ log = logging.getLogger("vdev.control")
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 #: Longest request line accepted, so a client cannot make us buffer without end.
 MAX_LINE = 64 * 1024
+#: Most clients connected at once; the next one is answered with an error and closed.
+MAX_CLIENTS = 64
+#: Seconds a client may stay connected without sending a request.
+IDLE_TIMEOUT = 60.0
+#: Longest quote of a client's value in an error message.
+MAX_QUOTE = 200
+
+
+def quote(value: object, limit: int = MAX_QUOTE) -> str:
+    """``repr(value)`` cut to ``limit`` characters; never raises (a 5,000-digit
+    int or a deeply nested list makes plain ``repr`` fail)."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):
+        text = f"<{type(value).__name__} too large to show>"
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+def _error(message: str) -> dict[str, Any]:
+    if len(message) > 4 * MAX_QUOTE:
+        message = message[:4 * MAX_QUOTE] + f"... ({len(message)} characters)"
+    return {"ok": False, "error": message}
+
+
+def _encode(reply: dict[str, Any]) -> bytes:
+    """One reply line; a reply that cannot be encoded becomes an error reply."""
+    try:
+        return json.dumps(reply).encode() + b"\n"
+    except (ValueError, TypeError, RecursionError) as exc:
+        log.warning("control reply cannot be encoded: %s", quote(exc))
+        return json.dumps(_error(f"internal error: reply cannot be encoded ({type(exc).__name__})")
+                          ).encode() + b"\n"
 
 
 class ControlServer:
-    def __init__(self, path: str, handlers: Mapping[str, Handler]) -> None:
+    def __init__(self, path: str, handlers: Mapping[str, Handler], *, max_clients: int = MAX_CLIENTS,
+                 idle_timeout: float = IDLE_TIMEOUT) -> None:
         self.path = path
         self.handlers = dict(handlers)
-        self._server: asyncio.AbstractServer | None = None
+        self.max_clients = max_clients
+        self.idle_timeout = idle_timeout
+        self.clients = 0
+        self._listener: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-        self._server = await asyncio.start_unix_server(self._client, self.path, limit=MAX_LINE)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            listener.bind(self.path)
+            listener.listen(16)
+            listener.setblocking(False)
+        except BaseException:
+            listener.close()
+            raise
+        self._listener = listener
+        self._accepting = asyncio.get_running_loop().create_task(self._accept_loop(listener))
         log.info("control socket on %s (commands: %s)", self.path, ", ".join(sorted(self.handlers)))
 
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        # Our own accept loop (not asyncio.start_unix_server) so that EMFILE
+        # is handled the way the vhost-user socket handles it: logged once,
+        # retried every 100 ms.
+        while True:
+            conn = await accept(listener, f"a control client on {self.path}")
+            try:
+                reader, writer = await asyncio.open_unix_connection(sock=conn, limit=MAX_LINE)
+            except OSError as exc:
+                conn.close()
+                log.warning("control socket: cannot set up a client: %s", exc)
+                continue
+            task = asyncio.get_running_loop().create_task(self._client(reader, writer))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await self._server.wait_closed()
-            self._server = None
+        if self._accepting is not None:
+            self._accepting.cancel()
+            await asyncio.wait({self._accepting})
+            self._accepting = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks))
 
     async def handle(self, line: bytes) -> dict[str, Any]:
+        """One request line in, one reply out; never raises (except a cancel)."""
         try:
             request = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            return {"ok": False, "error": f"not JSON: {exc}"}
+        except RecursionError:
+            return _error("not JSON this server accepts: nested too deeply")
+        except UnicodeDecodeError as exc:
+            return _error(f"not JSON: not UTF-8 ({exc.reason} at byte {exc.start})")
+        except ValueError as exc:     # JSONDecodeError, and ints past the digit limit
+            return _error(f"not JSON this server accepts: {exc}")
         if not isinstance(request, dict):
-            return {"ok": False, "error": f"request must be a JSON object, got {request!r}"}
+            return _error(f"request must be a JSON object, got {quote(request)}")
         name = request.get("command")
         handler = self.handlers.get(name) if isinstance(name, str) else None
         if handler is None:
-            return {"ok": False, "error": f"unknown command {name!r}; known: {sorted(self.handlers)}"}
+            return _error(f"unknown command {quote(name)}; known: {sorted(self.handlers)}")
         try:
             result = await handler(request)
         except (ValueError, VdevError, OSError) as exc:
-            log.warning("control %s failed: %s", name, exc)
-            return {"ok": False, "error": str(exc)}
+            log.warning("control %s failed: %s", name, quote(str(exc), 4 * MAX_QUOTE))
+            return _error(str(exc))
         except Exception as exc:   # a handler bug must not end the daemon
             log.exception("control %s crashed", name)
-            return {"ok": False, "error": f"internal error: {exc!r}"}
+            return _error(f"internal error: {quote(exc)}")
         return {"ok": True, **result}
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.clients += 1
         try:
-            while True:
-                try:
-                    line = await reader.readline()
-                except (asyncio.LimitOverrunError, ValueError):
-                    writer.write(b'{"ok": false, "error": "request line too long"}\n')
-                    break
-                if not line:
-                    break
-                if not line.strip():
-                    continue
-                reply = await self.handle(line)
-                writer.write(json.dumps(reply).encode() + b"\n")
-                await writer.drain()
+            if self.clients > self.max_clients:
+                log.warning("control socket: refusing a client, %d are connected already", self.max_clients)
+                writer.write(_encode(_error(f"too many control clients (at most {self.max_clients}); "
+                                            f"try again later")))
+                return
+            await self._serve_client(reader, writer)
         except ConnectionError:
             pass
         finally:
+            self.clients -= 1
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+    async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(self.idle_timeout):
+                    line = await reader.readline()
+            except TimeoutError:
+                writer.write(_encode(_error(f"idle for {self.idle_timeout:g} s; closing")))
+                return
+            except (asyncio.LimitOverrunError, ValueError):
+                writer.write(_encode(_error(f"request line too long (more than {MAX_LINE} bytes)")))
+                return
+            if not line:
+                return
+            if not line.strip():
+                continue
+            reply = await self.handle(line)
+            writer.write(_encode(reply))
+            await writer.drain()
 
 
 async def control_request(path: str, request: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:

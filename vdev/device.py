@@ -12,9 +12,16 @@ A device is a handful of members (compare libvhost-user's ``VuDevIface``):
 A device never sees a vhost-user message, an fd or a memory table: the same
 device could sit behind another transport.  `DeviceRuntime` is the bridge: it
 implements the protocol handler's `BackendHooks` by mapping guest memory,
-building a `Queue` when a ring starts, watching kick eventfds on the event
-loop, calling ``process_queue`` (never twice at once for one queue) and
-signalling call eventfds.
+and, when a ring starts, asks the device for a queue engine
+(`Device.create_engine`, see `vdev.engine`).  A native engine gets the
+translated ring, the memory table and its own dups of the kick and call
+eventfds, and serves the queue from a C worker thread; without one the
+runtime serves the queue on the event loop: it builds a `Queue`, watches the
+kick eventfd, calls ``process_queue`` (never twice at once for one queue)
+and signals the call eventfd.  Both paths follow the same control: held
+while the front-end needs a quiet device (GET_VRING_BASE, memory-table
+changes), while a device holds I/O (a storage swap), and when a ring is
+disabled.
 
 Errors: a `GuestError` from a queue fails that chain or breaks that queue; an
 exception escaping ``process_queue`` is a device bug, logged with its
@@ -26,6 +33,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -35,8 +43,10 @@ from vhost_user.handler import BackendHooks, RegionFd, Vring
 from vhost_user.messages import MAX_CONFIG_SIZE, BackendReq, ConfigFlag, ProtocolFeature
 from vhost_user.server import VhostUserServer
 
+from .engine import NativeEngine, RingSpec
 from .errors import GuestError, Unsupported
 from .memory import MemoryMap
+from .native import NativeMemory
 from .queue import DescriptorChain, Queue
 from .uapi.virtio import DeviceId, VirtioFeature
 
@@ -155,6 +165,14 @@ class Device(abc.ABC):
     async def process_queue(self, vq: VirtQueue) -> None:
         """Handle the chains of a kicked queue (iterate ``vq.chains()``)."""
 
+    def create_engine(self, spec: RingSpec) -> NativeEngine | None:
+        """A native engine to serve the ring ``spec`` describes, or None (the default)
+        to serve it on the event loop with `process_queue`."""
+        return None
+
+    def engine_retired(self, index: int, engine: NativeEngine) -> None:
+        """The native engine of queue ``index`` stopped (its counters are final)."""
+
     def bad_chain(self, vq: VirtQueue, error: GuestError) -> int:
         """A malformed chain is about to go back to the driver; return the used length.
 
@@ -198,6 +216,12 @@ class DeviceRuntime(BackendHooks):
         self.kick_fds: dict[int, int] = {}
         self.server: object = None     # set by serve(); has backend_request()
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: Native engines of started rings (those rings are not in `queues`).
+        self.engines: dict[int, NativeEngine] = {}
+        self.vrings: dict[int, Vring] = {}
+        self._native_mem: NativeMemory | None = None
+        #: How many holders (a storage swap, a pause) keep every queue from taking chains.
+        self._holds = 0
 
     # -- static description ------------------------------------------------------
 
@@ -234,7 +258,28 @@ class DeviceRuntime(BackendHooks):
         self.mem = new
         for vq in self.queues.values():
             vq.mem = new
+        old_native, self._native_mem = self._native_mem, None
+        if self.engines:
+            native = self.native_memory()
+            for index, engine in list(self.engines.items()):
+                # The server drained before this request, so the engine is held
+                # and idle; hold and wait anyway rather than race the worker.
+                engine.hold()
+                engine.wait_idle()
+                try:
+                    engine.set_memory(native)
+                except GuestError as exc:
+                    log.warning("%s: queue %d stopped: %s", self.device.name, index, exc)
+                    self.stop_vring(index)
+        if old_native is not None:
+            old_native.release()      # no engine points at it any more
         old.release_unused(new)
+
+    def native_memory(self) -> NativeMemory:
+        """The current memory snapshot as a C region table (made on first use)."""
+        if self._native_mem is None:
+            self._native_mem = NativeMemory(self.mem)
+        return self._native_mem
 
     def start_vring(self, vring: Vring) -> None:
         assert vring.addr is not None
@@ -252,17 +297,44 @@ class DeviceRuntime(BackendHooks):
         queue.check_layout(mem)
         # spec: the used index is not sent; the device resumes from the ring itself.
         queue.next_used = queue.used_idx(mem)
-        vq = VirtQueue(self, queue, mem)
-        self.queues[vring.index] = vq
-        if vring.kick_fd is not None:
-            self._watch_kick(vring.index, vring.kick_fd)
-        log.info("%s: queue %d started (size %d, avail %d, used %d%s)", self.device.name,
+        spec = RingSpec(vring.index, vring.num, desc, avail, used, queue.next_avail, queue.next_used,
+                        queue.event_idx, queue.indirect)
+        engine = self.device.create_engine(spec)
+        self.vrings[vring.index] = vring
+        if engine is not None:
+            try:
+                engine.start(self.native_memory(), spec, vring.kick_fd,
+                             self.call_fds.get(vring.index))
+            except BaseException:
+                engine.close()
+                raise
+            self.engines[vring.index] = engine
+            if vring.index in self.enabled and not self._holds:
+                engine.run()
+            kind = "native engine"
+        else:
+            vq = VirtQueue(self, queue, mem)
+            self.queues[vring.index] = vq
+            if vring.kick_fd is not None:
+                self._watch_kick(vring.index, vring.kick_fd)
+            kind = "python"
+        log.info("%s: queue %d started (size %d, avail %d, used %d%s, %s)", self.device.name,
                  vring.index, vring.num, queue.next_avail, queue.next_used,
-                 ", event idx" if queue.event_idx else "")
+                 ", event idx" if queue.event_idx else "", kind)
         # Buffers may already be waiting (a reconnect, or a kick before we watched).
         self.schedule(vring.index)
 
     def stop_vring(self, index: int) -> int:
+        self.vrings.pop(index, None)
+        engine = self.engines.pop(index, None)
+        if engine is not None:
+            try:
+                next_avail, _ = engine.stop()
+                self.device.engine_retired(index, engine)
+            finally:
+                engine.close()
+            log.info("%s: queue %d stopped at avail %d", self.device.name, index, next_avail)
+            return next_avail
         vq = self.queues.pop(index, None)
         self._unwatch_kick(index)
         if vq is None:
@@ -273,20 +345,40 @@ class DeviceRuntime(BackendHooks):
         log.info("%s: queue %d stopped at avail %d", self.device.name, index, vq.queue.next_avail)
         return vq.queue.next_avail
 
+    def restart_rings(self) -> None:
+        """Stop every started ring and start it again where it stopped, asking the
+        device for an engine anew (a storage swap that changes path).  Only
+        while nothing is in flight (`hold`)."""
+        for index, vring in list(self.vrings.items()):
+            next_avail = self.stop_vring(index)
+            self.start_vring(dataclasses.replace(vring, base=next_avail))
+
     def set_vring_enabled(self, index: int, enabled: bool) -> None:
+        engine = self.engines.get(index)
         if enabled:
             self.enabled.add(index)
+            if engine is not None and not self._holds:
+                engine.run()
             self.schedule(index)
         else:
             self.enabled.discard(index)
+            if engine is not None:
+                engine.hold()
 
     def set_vring_call(self, index: int, fd: int | None) -> None:
         if fd is None:
             self.call_fds.pop(index, None)
         else:
             self.call_fds[index] = fd
+        engine = self.engines.get(index)
+        if engine is not None:
+            engine.set_call(fd)
 
     def set_vring_kick(self, index: int, fd: int | None) -> None:
+        engine = self.engines.get(index)
+        if engine is not None:
+            engine.set_kick(fd)
+            return
         # Watch the new fd before dropping the old one: if the loop refuses it
         # (epoll cannot watch a regular file), nothing has changed.
         old = self.kick_fds.get(index)
@@ -311,7 +403,7 @@ class DeviceRuntime(BackendHooks):
         self.device.write_config(offset, data)
 
     def reset(self) -> None:
-        for index in list(self.queues):
+        for index in list(self.queues) + list(self.engines):
             self.stop_vring(index)
         self.enabled.clear()
         self.call_fds.clear()
@@ -352,7 +444,7 @@ class DeviceRuntime(BackendHooks):
     def schedule(self, index: int) -> None:
         """Run ``process_queue`` for a queue, or mark it to run again if it is running."""
         vq = self.queues.get(index)
-        if vq is None or index not in self.enabled:
+        if vq is None or index not in self.enabled or self._holds:
             return
         if vq.task is not None and not vq.task.done():
             vq.rerun = True
@@ -381,7 +473,15 @@ class DeviceRuntime(BackendHooks):
                 return
 
     async def drain(self, index: int | None) -> None:
-        """Wait for queue processing and the device's in-flight requests to finish."""
+        """Wait for queue processing and the device's in-flight requests to finish.
+
+        Native engines of the targeted rings are held and stay held until
+        `resume` (the server calls it once the request that needed a quiet
+        device is done).
+        """
+        for i, engine in list(self.engines.items()):
+            if index is None or i == index:
+                await engine.quiesce()
         targets = [vq for i, vq in self.queues.items() if index is None or i == index]
         for vq in targets:
             while vq.task is not None and not vq.task.done():
@@ -390,6 +490,37 @@ class DeviceRuntime(BackendHooks):
                 # shield() would swallow it).
                 await asyncio.wait({vq.task})
         await self.device.drain(index)
+
+    def resume(self) -> None:
+        """Let every enabled queue take chains again (unless a device holds I/O)."""
+        if self._holds:
+            return
+        for index, engine in self.engines.items():
+            if index in self.enabled:
+                engine.run()
+        for index in self.queues:
+            self.schedule(index)
+
+    async def hold(self) -> None:
+        """Stop every queue taking chains and wait until no request is in flight.
+
+        Holds nest; each `hold` is ended by one `release`.  Requests the
+        Python path already took finish first (``device.drain``).
+        """
+        self._holds += 1
+        for engine in list(self.engines.values()):
+            await engine.quiesce()
+        for vq in list(self.queues.values()):
+            while vq.task is not None and not vq.task.done():
+                await asyncio.wait({vq.task})
+
+    def release(self) -> None:
+        self._holds = max(0, self._holds - 1)
+        self.resume()
+
+    def engine_stats(self) -> dict[int, dict[str, object]]:
+        """Counters of every native engine, by queue index (read without stopping them)."""
+        return {i: e.stats() for i, e in sorted(self.engines.items())}
 
     async def notify_config_change(self) -> bool:
         server = self.server

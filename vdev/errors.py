@@ -24,8 +24,10 @@ class GuestError(VdevError):
     """
 
     def __init__(self, message: str, *, queue: int | None = None, head: int | None = None,
-                 gpa: int | None = None, length: int | None = None) -> None:
+                 gpa: int | None = None, length: int | None = None, code: int | None = None) -> None:
         self.message = message
+        #: For ring errors, the `vdev.queue.RingError` kind (shared with the C ring).
+        self.code = code
         self.queue = queue
         self.head = head
         self.gpa = gpa

@@ -25,6 +25,7 @@ import bisect
 import contextlib
 import errno
 import mmap
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -194,16 +195,25 @@ class MemoryMap(RegionTable):
                  previous: MemoryMap | None = None) -> MemoryMap:
         """Map every region; regions unchanged since ``previous`` reuse its mapping.
 
+        "Unchanged" means the same region fields *and* the same file behind
+        the fd (st_dev, st_ino).
+
         Raises:
-            OSError: mmap failed (bad fd, size beyond the file).
+            OSError: fstat or mmap failed (bad fd, size beyond the file).
             GuestError: regions overlap.
         """
         old = previous._maps if previous is not None else {}
         maps: dict[tuple[int, ...], mmap.mmap] = {}
         mapped: list[MappedRegion] = []
         for region, fd in regions:
+            # The file is part of the key: a VMM that replaces a DIMM sends the
+            # same region fields with a new memfd, and the old mapping then
+            # shows memory the VMM has let go of.  Same st_dev and st_ino is
+            # the same file (a dup, or the table sent again), so its mapping
+            # may be kept.
+            st = os.fstat(fd)
             key = (region.guest_phys_addr, region.memory_size, region.userspace_addr,
-                   region.mmap_offset)
+                   region.mmap_offset, st.st_dev, st.st_ino)
             mm = old.get(key)
             if mm is None:
                 try:

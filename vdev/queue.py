@@ -11,13 +11,16 @@ memory-table change never leaves a queue holding a stale mapping.
 sees it:
 
 * every buffer must lie inside guest memory;
-* a chain may not be longer than the queue (an indirect table: than its own
-  entries) — this is what stops a looping chain (§2.7.5.3.1, §2.7.4.2);
+* a chain may not hold more buffers than the queue size, and an indirect
+  table no more than its own entries — this is what stops a looping chain
+  (§2.7.5.3.1 "A driver MUST NOT create a descriptor chain longer than the
+  Queue Size of the device", §2.7.4.2);
 * all device-readable descriptors come before all device-writable ones
   (§2.7.4.2 "The driver MUST place any device-writable descriptor elements
   after any device-readable descriptor elements");
 * INDIRECT only when negotiated, never nested, never together with NEXT, a
-  table length that is a non-zero multiple of 16 (§2.7.5.3.1).
+  table length that is a non-zero multiple of 16 and holds at most the
+  queue size of descriptors (§2.7.5.3.1).
 
 A bad chain raises `GuestError` with queue, head and address.  The avail
 entry has been consumed by then, so the caller returns the head to the used
@@ -46,6 +49,7 @@ reorder — publishing ``avail_event`` / clearing NO_NOTIFY and then re-reading
 
 from __future__ import annotations
 
+import enum
 import struct
 import threading
 from collections.abc import Iterator
@@ -72,6 +76,47 @@ def full_fence() -> None:
     """A full memory barrier: taking a lock executes a locked (serialising) instruction."""
     with _fence_lock:
         pass
+
+
+class RingError(enum.IntEnum):
+    """What was wrong with a chain or a ring: `GuestError.code`.
+
+    The native ring (``vdev/_native/src/vring.h``, ``VD_E_*``) returns the
+    same numbers, so both implementations can be compared error for error.
+    """
+
+    LOOP = 1
+    NESTED_INDIRECT = 2
+    INDIRECT_NOT_NEGOTIATED = 3
+    INDIRECT_WITH_NEXT = 4
+    INDIRECT_BAD_LENGTH = 5
+    INDIRECT_TOO_LONG = 6
+    INDIRECT_OUTSIDE_MEMORY = 7
+    BUFFER_OUTSIDE_MEMORY = 8
+    READABLE_AFTER_WRITABLE = 9
+    NEXT_OUT_OF_RANGE = 10
+    AVAIL_IDX_JUMP = 11        # breaks the queue
+    HEAD_OUT_OF_RANGE = 12     # breaks the queue
+    LAYOUT = 13                # rings outside guest memory: the queue cannot start
+
+
+#: The message of each chain error (the C ring returns only the code).
+RING_ERROR_MESSAGES = {
+    RingError.LOOP: "descriptor chain longer than the queue size or its table: a loop?",
+    RingError.NESTED_INDIRECT: "indirect descriptor inside an indirect table",
+    RingError.INDIRECT_NOT_NEGOTIATED: "indirect descriptor without VIRTIO_F_RING_INDIRECT_DESC",
+    RingError.INDIRECT_WITH_NEXT: "descriptor has both INDIRECT and NEXT",
+    RingError.INDIRECT_BAD_LENGTH: "indirect table length is not a non-zero multiple of 16",
+    RingError.INDIRECT_TOO_LONG: "indirect table has more descriptors than the queue size",
+    RingError.INDIRECT_OUTSIDE_MEMORY: "indirect table outside guest memory",
+    RingError.BUFFER_OUTSIDE_MEMORY: "buffer outside guest memory",
+    RingError.READABLE_AFTER_WRITABLE: "device-readable descriptor after a device-writable one",
+    RingError.NEXT_OUT_OF_RANGE: "next index beyond its table",
+}
+
+
+def chain_error(code: RingError, *, gpa: int | None = None, length: int | None = None) -> GuestError:
+    return GuestError(RING_ERROR_MESSAGES[code], gpa=gpa, length=length, code=code)
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,7 +268,7 @@ class Queue:
                 mem.view(addr, size)
             except GuestError as exc:
                 raise GuestError(f"{name} outside guest memory", queue=self.index, gpa=addr,
-                                 length=size) from exc
+                                 length=size, code=RingError.LAYOUT) from exc
 
     def state(self) -> QueueState:
         return QueueState(self.size, self.desc, self.avail, self.used, self.next_avail,
@@ -257,7 +302,7 @@ class Queue:
         n = (self.avail_idx(mem) - self.next_avail) & 0xFFFF
         if n > self.size:
             self.broken = GuestError(f"avail index moved by {n}, more than the queue size {self.size}",
-                                     queue=self.index)
+                                     queue=self.index, code=RingError.AVAIL_IDX_JUMP)
             raise self.broken
         return n
 
@@ -281,7 +326,7 @@ class Queue:
         self.next_avail = (self.next_avail + 1) & 0xFFFF
         if head >= self.size:
             self.broken = GuestError(f"avail ring names descriptor {head}, queue size is {self.size}",
-                                     queue=self.index)
+                                     queue=self.index, code=RingError.HEAD_OUT_OF_RANGE)
             raise self.broken
         chain = DescriptorChain(self.index, head)
         try:
@@ -300,26 +345,31 @@ class Queue:
         deferred: GuestError | None = None
         while True:
             if budget == 0:
-                raise GuestError("descriptor chain longer than its table: a loop?", gpa=table)
+                raise chain_error(RingError.LOOP, gpa=table)
             budget -= 1
             addr, length, flags, nxt = self._read_desc(mem, table, i)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if in_indirect:
-                    raise GuestError("indirect descriptor inside an indirect table", gpa=addr)
+                    raise chain_error(RingError.NESTED_INDIRECT, gpa=addr)
                 if not self.indirect:
-                    raise GuestError("indirect descriptor without VIRTIO_F_RING_INDIRECT_DESC", gpa=addr)
+                    raise chain_error(RingError.INDIRECT_NOT_NEGOTIATED, gpa=addr)
                 if flags & VIRTQ_DESC_F_NEXT:
-                    raise GuestError("descriptor has both INDIRECT and NEXT", gpa=addr)
+                    raise chain_error(RingError.INDIRECT_WITH_NEXT, gpa=addr)
                 if length == 0 or length % DESC_SIZE:
-                    raise GuestError("indirect table length is not a non-zero multiple of 16",
-                                     gpa=addr, length=length)
+                    raise chain_error(RingError.INDIRECT_BAD_LENGTH, gpa=addr, length=length)
+                if length // DESC_SIZE > self.size:
+                    # §2.7.5.3.1: "A driver MUST NOT create a descriptor chain
+                    # longer than the Queue Size of the device."
+                    raise chain_error(RingError.INDIRECT_TOO_LONG, gpa=addr, length=length)
                 try:
                     mem.view(addr, length)
                 except GuestError:
-                    raise GuestError("indirect table outside guest memory", gpa=addr,
-                                     length=length) from None
+                    raise chain_error(RingError.INDIRECT_OUTSIDE_MEMORY, gpa=addr,
+                                      length=length) from None
                 table, table_len, i = addr, length // DESC_SIZE, 0
-                budget = table_len
+                # The pointer is not a buffer; the chain's buffers, direct ones
+                # before it included, stay within the queue size (§2.7.5.3.1).
+                budget = min(budget + 1, table_len)
                 in_indirect = True
                 continue
             # A bad buffer or a wrong order does not stop the walk: the chain's
@@ -332,12 +382,11 @@ class Queue:
                 in_bounds = True
             except GuestError:
                 in_bounds = False
-                deferred = deferred or GuestError("buffer outside guest memory", gpa=addr, length=length)
+                deferred = deferred or chain_error(RingError.BUFFER_OUTSIDE_MEMORY, gpa=addr, length=length)
             if d.is_write:
                 chain.writable.append(d)
             elif chain.writable:
-                deferred = deferred or GuestError("device-readable descriptor after a device-writable one",
-                                                  gpa=addr)
+                deferred = deferred or chain_error(RingError.READABLE_AFTER_WRITABLE, gpa=addr)
             else:
                 chain.readable.append(d)
             if not flags & VIRTQ_DESC_F_NEXT:
@@ -346,7 +395,9 @@ class Queue:
                     raise deferred
                 return
             if nxt >= table_len:
-                raise GuestError(f"next index {nxt} beyond a table of {table_len}", gpa=addr)
+                exc = chain_error(RingError.NEXT_OUT_OF_RANGE, gpa=addr)
+                exc.message = f"next index {nxt} beyond a table of {table_len}"
+                raise exc
             i = nxt
 
     # -- completing -----------------------------------------------------------------

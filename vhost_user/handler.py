@@ -156,6 +156,14 @@ class BackendHooks(abc.ABC):
     def reset(self) -> None:
         """RESET_DEVICE or a disconnect: return to the initial state."""
 
+    async def drain(self, index: int | None) -> None:
+        """Make ring ``index`` (None: every ring) quiet before a request that needs it:
+        nothing in flight, nothing taken until `resume`.  The server awaits it
+        before GET_VRING_BASE, memory-table changes and resets."""
+
+    def resume(self) -> None:
+        """The request that needed a quiet device is done: take chains again."""
+
 
 @dataclass
 class Reply:

@@ -16,6 +16,19 @@ synchronous.
 does) or connects to one (``client=True``, for a VMM started with
 ``server=on``).  One front-end at a time: when it goes, the device is reset
 and the next one may connect.
+
+Hostile or broken peers must not lock the VMM out:
+
+* a connection that has not completed its first request within
+  `FIRST_REQUEST_TIMEOUT` seconds of connecting is dropped (a VMM speaks at
+  once; something that connects and says nothing is not one);
+* a connection that connects and closes at once (a health check) is noticed
+  and skipped, so it never takes a newcomer's place;
+* a newcomer is held, not refused, while the current connection is being
+  torn down (requests still draining) or has not yet proven itself;
+* running out of file descriptors (EMFILE/ENFILE) on accept is temporary:
+  it is logged once, accepting backs off for `ACCEPT_BACKOFF` seconds and
+  retries, and the attached front-end is served throughout.
 """
 
 from __future__ import annotations
@@ -28,10 +41,12 @@ import logging
 import os
 import socket
 import stat
+import struct
+import time
 from collections.abc import Awaitable, Callable
 
 from .errors import ProtocolError, Unsupported
-from .handler import BackendHandler, BackendHooks
+from .handler import BackendHandler, BackendHooks, Reply
 from .messages import MAX_FDS, U64, BackendReq, FrontendReq, HeaderFlag
 from .session import NEED_DATA, BackendSession, Framer, InvalidMessage, Message, close_fds
 
@@ -41,13 +56,79 @@ _RECV_SIZE = 65536
 _CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 #: Requests before which in-flight device work must finish.
 _DRAIN_BEFORE = {FrontendReq.GET_VRING_BASE, FrontendReq.RESET_DEVICE, FrontendReq.SET_MEM_TABLE,
-                 FrontendReq.REM_MEM_REG, FrontendReq.RESET_OWNER}
+                 FrontendReq.ADD_MEM_REG, FrontendReq.REM_MEM_REG, FrontendReq.RESET_OWNER}
 #: How long to wait for the front-end's ack on the back-end channel.
 BACKEND_ACK_TIMEOUT = 5.0
 #: How long a reply may wait for a front-end that does not read.
 SEND_TIMEOUT = 30.0
 #: How long a newcomer waits for the current front-end's connection to end.
 RECONNECT_GRACE = 2.0
+#: A connection must complete its first request within this many seconds of connecting.
+FIRST_REQUEST_TIMEOUT = 5.0
+#: Longest a newcomer is held while the old connection is torn down (its
+#: requests drain; storage bounds that, e.g. NBD's ?timeout=).
+TEARDOWN_HOLD = 60.0
+#: Pause before accepting again after EMFILE/ENFILE.
+ACCEPT_BACKOFF = 0.1
+#: accept() errors that mean "out of a resource, try again later".
+_ACCEPT_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+#: accept() errors about that one connection only (it died in the backlog).
+_ACCEPT_TRANSIENT = {errno.ECONNABORTED, errno.EPROTO, errno.EINTR, errno.EAGAIN}
+
+
+async def accept(listener: socket.socket, what: str, meanwhile: str = "") -> socket.socket:
+    """Accept one connection; running out of file descriptors is waited out.
+
+    EMFILE/ENFILE (and ENOBUFS/ENOMEM) leave the connection in the backlog
+    and the listener readable, so retrying at once would spin: log once per
+    episode, back off `ACCEPT_BACKOFF` seconds, retry.  Errors about the one
+    connection (ECONNABORTED ...) are skipped.  ``what`` and ``meanwhile``
+    word the log line.
+    """
+    loop = asyncio.get_running_loop()
+    exhausted = False
+    while True:
+        try:
+            sock, _ = await loop.sock_accept(listener)
+        except OSError as exc:
+            if exc.errno in _ACCEPT_EXHAUSTED:
+                if not exhausted:
+                    log.warning("cannot accept %s: %s; retrying every %g s%s", what, exc, ACCEPT_BACKOFF,
+                                f" ({meanwhile})" if meanwhile else "")
+                    exhausted = True
+                await asyncio.sleep(ACCEPT_BACKOFF)
+                continue
+            if exc.errno in _ACCEPT_TRANSIENT:
+                continue
+            raise
+        if exhausted:
+            log.info("accepting %s again", what)
+        return sock
+
+
+class _SilentPeer(ProtocolError):
+    """A connection that did not complete its first request in time."""
+
+
+def describe_peer(sock: socket.socket) -> str:
+    """``pid 123 uid 0`` from SO_PEERCRED, for log lines about a connection."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, _gid = struct.unpack("3i", raw)
+    except OSError:
+        return "an unknown peer"
+    return f"pid {pid} uid {uid}"
+
+
+def peer_has_closed(sock: socket.socket) -> bool:
+    """True if the peer of a not-yet-served connection has already hung up."""
+    try:
+        data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
+    return data == b""
 
 
 def recv_with_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
@@ -108,12 +189,36 @@ async def send_message(sock: socket.socket, data: bytes, fds: tuple[int, ...] | 
 class Connection:
     """One front-end connection: read, dispatch, reply, until EOF or a fatal error."""
 
-    def __init__(self, sock: socket.socket, handler: BackendHandler) -> None:
+    def __init__(self, sock: socket.socket, handler: BackendHandler, *,
+                 first_request_timeout: float | None = FIRST_REQUEST_TIMEOUT) -> None:
         self.sock = sock
+        self.first_request_timeout = first_request_timeout
         self.handler = handler
         self.session = BackendSession()
         self._backend_lock = asyncio.Lock()
         sock.setblocking(False)
+        self.peer = describe_peer(sock)
+        self.connected_at = asyncio.get_running_loop().time()
+        self._connected_wall = time.strftime("%H:%M:%S")
+        #: The first request has been handled: this is a front-end, not a probe.
+        self.proven = False
+        #: The front-end is gone and the connection is being torn down.
+        self.closing = False
+
+    async def _wait_readable(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.proven or self.first_request_timeout is None:
+            await wait_fd(loop, self.sock.fileno())
+            return
+        left = self.connected_at + self.first_request_timeout - loop.time()
+        try:
+            async with asyncio.timeout(max(0.0, left)):
+                await wait_fd(loop, self.sock.fileno())
+        except TimeoutError:
+            log.warning("dropping the connection from %s (connected at %s): no complete request "
+                        "within %g s of connecting", self.peer, self._connected_wall,
+                        self.first_request_timeout)
+            raise _SilentPeer("no request within the first-request timeout", fatal=True,
+                              value=self.first_request_timeout) from None
 
     async def run(self) -> None:
         """Serve until the front-end disconnects; always resets the device at the end."""
@@ -122,7 +227,7 @@ class Connection:
             while True:
                 event = self.session.next_event()
                 if event is NEED_DATA:
-                    await wait_fd(loop, self.sock.fileno())
+                    await self._wait_readable(loop)
                     try:
                         data, fds = recv_with_fds(self.sock)
                     except (BlockingIOError, InterruptedError):
@@ -141,11 +246,15 @@ class Connection:
                     continue
                 assert isinstance(event, (Message, InvalidMessage))
                 await self._dispatch(event)
+                self.proven = True
+        except _SilentPeer:
+            pass                          # logged where it was noticed
         except ProtocolError as exc:
             log.error("dropping the connection: %s", exc)
         except (BrokenPipeError, ConnectionResetError) as exc:
             log.info("front-end went away before reading a reply (%s)", exc)
         finally:
+            self.closing = True
             # Even if cancelled while draining (SIGTERM just after a disconnect),
             # the device is reset and every fd released.
             try:
@@ -156,9 +265,7 @@ class Connection:
                 self.sock.close()
 
     async def _drain(self, index: int | None) -> None:
-        drain = getattr(self.handler.hooks, "drain", None)
-        if drain is not None:
-            await drain(index)
+        await self.handler.hooks.drain(index)
 
     async def _dispatch(self, msg: Message | InvalidMessage) -> None:
         if isinstance(msg, Message):
@@ -166,7 +273,17 @@ class Connection:
             if msg.request in _DRAIN_BEFORE:
                 index = getattr(msg.payload, "index", None)
                 await self._drain(index if msg.request is FrontendReq.GET_VRING_BASE else None)
-        reply = self.handler.handle(msg)
+                try:
+                    reply = self.handler.handle(msg)
+                finally:
+                    # Whatever the request did, the rings it quieted run again
+                    # (a stopped one stays stopped).
+                    self.handler.hooks.resume()
+                await self._reply(reply)
+                return
+        await self._reply(self.handler.handle(msg))
+
+    async def _reply(self, reply: Reply | None) -> None:
         if reply is not None:
             log.debug("-> reply %d bytes", len(reply.data))
             # A front-end that pipelines without reading makes this wait (up
@@ -254,6 +371,11 @@ class VhostUserServer:
         sock.setblocking(False)
         return sock
 
+    async def _accept(self) -> socket.socket:
+        assert self._listener is not None
+        return await accept(self._listener, f"a front-end on {self.path or f'fd {self.listen_fd}'}",
+                            "the connected front-end is still served")
+
     async def _connect(self) -> socket.socket:
         loop = asyncio.get_running_loop()
         warned = False
@@ -274,7 +396,10 @@ class VhostUserServer:
 
     async def _serve_one(self, sock: socket.socket) -> None:
         handler = BackendHandler(self.hooks)
-        self.connection = Connection(sock, handler)
+        # In client mode we dialled the VMM ourselves: nobody else can take
+        # the device, so a slow first request is no lock-out.
+        self.connection = Connection(sock, handler,
+                                     first_request_timeout=None if self.client else FIRST_REQUEST_TIMEOUT)
         await self._notify(self.connection)
         try:
             await self.connection.run()
@@ -291,7 +416,6 @@ class VhostUserServer:
 
     async def serve_forever(self) -> None:
         """Accept (or connect to) front-ends until cancelled."""
-        loop = asyncio.get_running_loop()
         if self.client:
             self.ready.set()
             while True:
@@ -306,10 +430,16 @@ class VhostUserServer:
         try:
             while True:
                 if pending is None:
-                    sock, _ = await loop.sock_accept(self._listener)
+                    sock = await self._accept()
                 else:
                     sock, pending = pending, None
-                log.info("front-end connected")
+                if peer_has_closed(sock):
+                    # A health check that connected and left: nothing to serve,
+                    # and no reason to reset the device.
+                    log.debug("a connection closed before it was served; skipped")
+                    sock.close()
+                    continue
+                log.info("front-end connected (%s)", describe_peer(sock))
                 serving = asyncio.ensure_future(self._serve_one(sock))
                 try:
                     pending = await self._hold_others_until(serving)
@@ -337,9 +467,10 @@ class VhostUserServer:
         loop = asyncio.get_running_loop()
         assert self._listener is not None
         pending: socket.socket | None = None
-        deadline = 0.0
+        arrived = 0.0
         while not serving.done():
-            accept = asyncio.ensure_future(loop.sock_accept(self._listener))
+            accept = asyncio.ensure_future(self._accept())
+            deadline = 0.0 if pending is None else self._hold_deadline(arrived)
             timeout = None if pending is None else max(0.0, deadline - loop.time())
             try:
                 done, _ = await asyncio.wait({serving, accept}, timeout=timeout,
@@ -352,17 +483,40 @@ class VhostUserServer:
                     # just after a disconnect), and the server kept accepting.
                     await asyncio.wait({accept})
             if accept.done() and not accept.cancelled():
-                extra, _ = accept.result()
+                extra = accept.result()
+                if pending is not None and peer_has_closed(pending):
+                    pending.close()           # a health check: it leaves the slot free
+                    pending = None
                 if pending is None:
-                    pending, deadline = extra, loop.time() + RECONNECT_GRACE
+                    pending, arrived = extra, loop.time()
                 else:
-                    log.warning("refusing a second front-end while one is connected")
+                    log.warning("refusing a second front-end (%s) while one is connected",
+                                describe_peer(extra))
                     extra.close()
-            elif pending is not None and loop.time() >= deadline and not serving.done():
-                log.warning("refusing a second front-end while one is connected")
+            elif pending is not None and loop.time() >= self._hold_deadline(arrived) \
+                    and not serving.done():
+                log.warning("refusing a second front-end (%s) while one is connected",
+                            describe_peer(pending))
                 pending.close()
                 pending = None
         return pending
+
+    def _hold_deadline(self, arrived: float) -> float:
+        """Until when a newcomer that arrived at ``arrived`` is held.
+
+        `RECONNECT_GRACE` after its arrival if the current front-end is
+        alive and proven; while that one has not yet completed a request,
+        until it must have (it is dropped then); while it is being torn
+        down, up to `TEARDOWN_HOLD` (the drain is bounded by the storage).
+        """
+        deadline = arrived + RECONNECT_GRACE
+        conn = self.connection
+        if conn is not None:
+            if conn.closing:
+                deadline = max(deadline, arrived + TEARDOWN_HOLD)
+            elif not conn.proven:
+                deadline = max(deadline, conn.connected_at + FIRST_REQUEST_TIMEOUT + 1.0)
+        return deadline
 
     def close(self) -> None:
         if self._listener is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from vdev.cli import DeviceCommand, ServeOptions
@@ -20,7 +20,7 @@ from vdev.control import ControlServer
 from vdev.device import Device, serve
 
 from .device import ID_BYTES, BlkDevice
-from .storage import open_storage, parse_storage_url
+from .storage import StorageSpec, open_storage, parse_storage_url
 
 QEMU_EXAMPLE = """\
 vdev blk --socket /tmp/vdev-blk.sock --backend file:/var/lib/images/disk.img --queues 2 &
@@ -72,7 +72,9 @@ class BlkCommand(DeviceCommand):
         return BlkConfig(args.backend, args.read_only, queues, queue_size, args.serial, args.control)
 
     async def create(self, config: BlkConfig) -> Device:
-        storage = await open_storage(config.backend)
+        # --read-only opens the image read-only too: an image on a read-only
+        # mount (or mode 0444 for a non-root user) cannot be opened for writing.
+        storage = await open_storage(_storage_spec(config.backend, read_only=config.read_only))
         try:
             return BlkDevice(storage, read_only=config.read_only, num_queues=config.queues,
                              queue_size=config.queue_size, serial=config.serial)
@@ -93,18 +95,28 @@ class BlkCommand(DeviceCommand):
                 await control.close()
 
 
+def _storage_spec(url: str, *, read_only: bool) -> StorageSpec:
+    """Parse ``url``; ``read_only`` forces a read-only open (as ``?readonly=on``)."""
+    spec = parse_storage_url(url)
+    return replace(spec, read_only=True) if read_only else spec
+
+
 def control_handlers(device: BlkDevice) -> dict[str, Any]:
     """The blk control commands (documented in README.md)."""
 
+    def described() -> dict[str, Any]:
+        # The device's fields plus the storage's own (an NBD connection's state).
+        return {**device.info(), **device.storage.status()}
+
     async def info(request: dict[str, Any]) -> dict[str, Any]:
-        return device.info()
+        return described()
 
     async def swap(request: dict[str, Any]) -> dict[str, Any]:
         url = request.get("backend")
         if not isinstance(url, str):
             raise ValueError(f"swap needs a string 'backend', got {url!r}")
-        parse_storage_url(url)
-        new = await open_storage(url)
+        # Under a read-only disk the new storage is opened read-only as well.
+        new = await open_storage(_storage_spec(url, read_only=device.read_only))
         try:
             old = await device.swap_storage(new)
         except BaseException:
@@ -112,18 +124,18 @@ def control_handlers(device: BlkDevice) -> dict[str, Any]:
             raise
         with contextlib.suppress(Exception):
             await asyncio.shield(old.aclose())
-        return {"previous": old.url, **device.info()}
+        return {"previous": old.url, **described()}
 
     async def resize(request: dict[str, Any]) -> dict[str, Any]:
         await device.refresh_capacity()
-        return device.info()
+        return described()
 
     async def pause(request: dict[str, Any]) -> dict[str, Any]:
         await device.pause()
-        return device.info()
+        return described()
 
     async def resume(request: dict[str, Any]) -> dict[str, Any]:
         device.resume()
-        return device.info()
+        return described()
 
     return {"info": info, "swap": swap, "resize": resize, "pause": pause, "resume": resume}

@@ -21,6 +21,15 @@ The storage can be replaced while the disk runs (`swap_storage`): new
 requests wait, requests in flight finish on the old storage, the new one
 takes over, and a size change reaches the guest as a config-change
 interrupt.
+
+Two data paths serve the queues (``dataplane``): ``native`` — a C worker
+per queue that parses and executes requests itself (`backends.blk.native`,
+``vdev/_native/src/blk.c``), for the storage it can run (null, mem, file);
+and ``python`` — `process_queue` below, on the event loop, for any
+storage.  ``auto`` (the default) takes the native path whenever the
+storage allows it, so a swap from ``file:`` to ``nbd://`` and back changes
+path under the running disk.  Both give the same answers to the same
+requests; the Python one is the reference.
 """
 
 from __future__ import annotations
@@ -32,17 +41,24 @@ import logging
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
+from vdev._native import ffi
 from vdev.device import Device, VirtQueue
+from vdev.engine import NativeEngine, RingSpec
+from vdev.histogram import LatencyHistogram
 from vdev.errors import DeviceError, GuestError, Unsupported
 from vdev.queue import Descriptor, DescriptorChain
 from vdev.uapi.virtio import DeviceId
 
+from .native import NATIVE_STAT_NAMES, NativeBlkEngine, NativeBlkStorage
 from .storage.base import Storage
 
 log = logging.getLogger("backends.blk")
 
 SECTOR = 512
+#: How the queues are served: see the module docstring.
+DATAPLANES = ("auto", "native", "python")
 HEADER = struct.Struct("<IIQ")          # type, ioprio (reserved), sector
 SEGMENT = struct.Struct("<QII")         # sector, num_sectors, flags
 ID_BYTES = 20
@@ -80,6 +96,9 @@ class Status(enum.IntEnum):
     IOERR = 1
     UNSUPP = 2
 
+
+#: Bound on pause/swap waiting for requests when the storage has no timeout of its own.
+QUIESCE_TIMEOUT = 30.0
 
 WRITE_ZEROES_F_UNMAP = 1
 #: The legacy BARRIER flag in bit 31 of the type; masked off as QEMU does.
@@ -228,13 +247,25 @@ class BlkDevice(Device):
 
     device_id = DeviceId.BLOCK
     name = "blk"
+    #: The data path when none is given (the test suite runs every blk test on each).
+    default_dataplane = "auto"
 
     def __init__(self, storage: Storage, *, read_only: bool = False, num_queues: int = 1,
-                 queue_size: int = 256, serial: str | None = None) -> None:
+                 queue_size: int = 256, serial: str | None = None, dataplane: str | None = None,
+                 poll_us: int = 0) -> None:
         super().__init__(num_queues=num_queues, queue_size=queue_size)
+        dataplane = self.default_dataplane if dataplane is None else dataplane
+        if dataplane not in DATAPLANES:
+            raise ValueError(f"dataplane must be one of {', '.join(DATAPLANES)}, got {dataplane!r}")
+        self.dataplane = dataplane
+        self.poll_us = poll_us
         self.storage = storage
         self.read_only = read_only or storage.read_only
         self.capacity = storage.size // SECTOR * SECTOR
+        # virtio 1.2 §5.2.4 blk_size: the storage's logical block (4096 on a
+        # 4K-sector disk under O_DIRECT), so a Linux guest never sends writes
+        # that need a read-modify-write.  Fixed at creation, like the features.
+        self.block_size = max(SECTOR, storage.block_size)
         self.serial = (serial if serial is not None else _default_serial(storage.url)).encode()
         if len(self.serial) > ID_BYTES:
             raise ValueError(f"serial {serial!r} is longer than {ID_BYTES} bytes")
@@ -252,6 +283,8 @@ class BlkDevice(Device):
         # against a disk that a new guest may already own.
         self._parked: set[asyncio.Task[None]] = set()
         self._swap_lock = asyncio.Lock()
+        self._notified_capacity = self.capacity
+        self._retired_latency: dict[int, LatencyHistogram] = {}
         self.stats: Counter[str] = Counter()
         self._logged_causes: set[str] = set()
         # Features are fixed when the device is created: discard and write-zeroes
@@ -260,6 +293,43 @@ class BlkDevice(Device):
         # to writing zeros).
         self._discard = storage.supports_discard
         self._write_zeroes = storage.supports_write_zeroes
+        # What the C engines read: the request checks' limits, the write
+        # cache mode and the serial, kept in step with the fields above.
+        self._cfg: Any = ffi.new("struct vd_blk_config *")
+        self._cfg.serial = self.serial.ljust(ID_BYTES, b"\0")
+        self._sync_config()
+        self._native = self._native_for(storage)
+        if dataplane == "native" and self._native is None:
+            raise ValueError(f"--dataplane native: storage {storage.url!r} has no native path "
+                             f"(null:, mem: and file: do)")
+
+    # -- the native data path -------------------------------------------------------
+
+    def _native_for(self, storage: Storage) -> NativeBlkStorage | None:
+        return None if self.dataplane == "python" else NativeBlkStorage.of(storage)
+
+    def _sync_config(self) -> None:
+        cfg = self._cfg
+        cfg.capacity = self.capacity
+        cfg.read_only = int(self.read_only)
+        cfg.discard = int(bool(self.acked_features & BlkFeature.DISCARD))
+        cfg.write_zeroes = int(bool(self.acked_features & BlkFeature.WRITE_ZEROES))
+        cfg.wce = self.wce
+
+    def create_engine(self, spec: RingSpec) -> NativeBlkEngine | None:
+        native = self._native
+        if native is None:
+            return None
+        return NativeBlkEngine(native, self._cfg, spec.size, poll_us=self.poll_us)
+
+    @property
+    def native_active(self) -> bool:
+        """Whether the queues are (or will be, when they start) served in C."""
+        return self._native is not None
+
+    def _engines(self) -> dict[int, NativeBlkEngine]:
+        engines = self.runtime.engines if self.runtime is not None else {}
+        return {i: e for i, e in engines.items() if isinstance(e, NativeBlkEngine)}
 
     # -- description ---------------------------------------------------------------
 
@@ -292,7 +362,7 @@ class BlkDevice(Device):
             SIZE_MAX,                      # size_max
             self.seg_max,                  # seg_max
             0, 0, 0,                       # geometry: cylinders, heads, sectors (not offered)
-            SECTOR,                        # blk_size
+            self.block_size,               # blk_size (logical block, VIRTIO_BLK_F_BLK_SIZE)
             0, 0,                          # physical_block_exp, alignment_offset
             1,                             # min_io_size (in blk_size units)
             0,                             # opt_io_size
@@ -301,7 +371,7 @@ class BlkDevice(Device):
             self.num_queues,               # num_queues
             MAX_DISCARD_SECTORS,           # max_discard_sectors
             MAX_DISCARD_SEG,               # max_discard_seg
-            1,                             # discard_sector_alignment
+            self.block_size // SECTOR,     # discard_sector_alignment (512-byte sectors)
             MAX_WRITE_ZEROES_SECTORS,      # max_write_zeroes_sectors
             MAX_WRITE_ZEROES_SEG,          # max_write_zeroes_seg
             1,                             # write_zeroes_may_unmap
@@ -311,9 +381,14 @@ class BlkDevice(Device):
         # §5.2.5: only the writeback flag is writable, and only with CONFIG_WCE.
         if offset == WCE_OFFSET and len(data) == 1 and self.acked_features & BlkFeature.CONFIG_WCE:
             self.wce = data[0] & 1
+            self._cfg.wce = self.wce     # one int store; the workers read it per request
             log.info("blk: write cache %s", "writeback" if self.wce else "writethrough")
             return
         raise Unsupported("config write", f"offset {offset} size {len(data)} is read-only")
+
+    def set_features(self, features: int) -> None:
+        super().set_features(features)
+        self._sync_config()
 
     def limits(self) -> BlkLimits:
         return BlkLimits(self.capacity, self.read_only, self.seg_max,
@@ -454,24 +529,61 @@ class BlkDevice(Device):
     def reset(self) -> None:
         super().reset()
         self.wce = 1
+        self._sync_config()
         for task in list(self._parked):
             task.cancel()
 
     async def aclose(self) -> None:
         await self.drain(None)
+        if self._native is not None:
+            self._native.close()
+            self._native = None
         await self.storage.aclose()
 
     # -- live storage changes ------------------------------------------------------------
 
+    async def _wait_idle(self, what: str) -> None:
+        """Wait until no request is on storage, bounded by the storage's own
+        request timeout (NBD's ?timeout=) or QUIESCE_TIMEOUT, plus a second.
+
+        Raises:
+            DeviceError: still busy at the bound (a storage that hangs).
+        """
+        bound = self.storage.request_timeout
+        bound = (QUIESCE_TIMEOUT if bound is None else bound) + 1.0
+        try:
+            async with asyncio.timeout(bound):
+                await self._idle.wait()
+        except TimeoutError:
+            raise DeviceError(f"{what} timed out: {self._executing} requests still on {self.storage.url} "
+                              f"after {bound:g} s; nothing changed", status=Status.IOERR,
+                              value=self._executing) from None
+
     async def pause(self) -> None:
-        """Hold new requests and wait until none is on storage (for a consistent copy)."""
+        """Hold new requests and wait until none is on storage (for a consistent copy).
+
+        Raises:
+            DeviceError: requests still on storage after its timeout (I/O is let go again).
+        """
+        was_paused = self.paused
         self._resumed.clear()
-        await self._idle.wait()
+        if self.runtime is not None and not was_paused:
+            await self.runtime.hold()
+        try:
+            await self._wait_idle("pause")
+        except DeviceError:
+            if not was_paused:
+                self._resumed.set()
+                if self.runtime is not None:
+                    self.runtime.release()
+            raise
         log.info("blk: I/O paused")
 
     def resume(self) -> None:
         if not self._resumed.is_set():
             self._resumed.set()
+            if self.runtime is not None:
+                self.runtime.release()
             log.info("blk: I/O resumed")
 
     @property
@@ -482,49 +594,127 @@ class BlkDevice(Device):
         """Replace the storage under the running disk; returns the old one (still open).
 
         New requests wait, requests in flight complete on the old storage, then
-        the new one takes over and I/O resumes (also after `pause`).  A
-        different size becomes a config change.
+        the new one takes over and I/O resumes (also after `pause`).  When the
+        new storage needs the other data path (``file:`` -> ``nbd://``), every
+        queue is restarted where it stopped on that path.  A different size
+        becomes a config change.
 
         Raises:
             ValueError: the new storage cannot stand in (read-only under a writable disk).
         """
         if new.read_only and not self.read_only:
             raise ValueError(f"cannot swap a writable disk to read-only storage {new.url!r}")
+        runtime = self.runtime
         async with self._swap_lock:
+            was_paused = self.paused
             self._resumed.clear()
+            if runtime is not None and not was_paused:
+                await runtime.hold()
+            swapped = False
             try:
-                await self._idle.wait()
+                # Bounded, so a hung storage fails the swap now rather than
+                # letting it take effect after the operator was told it failed.
+                await self._wait_idle("swap")
                 old, self.storage = self.storage, new
+                old_native, self._native = self._native, self._native_for(new)
+                capacity = new.size // SECTOR * SECTOR
+                if capacity != self.capacity:
+                    log.info("blk: capacity %d -> %d sectors", self.capacity // SECTOR, capacity // SECTOR)
+                    self.capacity = capacity
+                    self._sync_config()
+                engines = self._engines()
+                if (old_native is None) != (self._native is None) and runtime is not None:
+                    # Requests the Python path took (and parked at the gate) run
+                    # on the new storage first; then every ring restarts where it
+                    # stopped, on the path the new storage needs.
+                    self._resumed.set()
+                    await self.drain(None)
+                    runtime.restart_rings()
+                    log.info("blk: data path now %s", "native" if self._native else "python")
+                elif self._native is not None:
+                    for engine in engines.values():
+                        engine.set_blk_storage(self._native)
+                if old_native is not None:
+                    old_native.close()
+                swapped = True
             finally:
-                self._resumed.set()
+                # A swap resumes I/O, also after a pause; a failed one leaves a
+                # pause in place and lets I/O go again otherwise.
+                if swapped or not was_paused:
+                    self._resumed.set()
+                    if runtime is not None:
+                        runtime.release()
             log.info("blk: storage swapped: %s -> %s", old.url, new.url)
-            await self._set_capacity(new.size)
+            await self._notify_capacity()
             return old
 
     async def refresh_capacity(self) -> int:
         """Re-read the storage size; a change reaches the guest as a config change."""
         size = await self.storage.refresh_size()
-        await self._set_capacity(size)
-        return self.capacity
-
-    async def _set_capacity(self, size: int) -> None:
         capacity = size // SECTOR * SECTOR
         if capacity != self.capacity:
             log.info("blk: capacity %d -> %d sectors", self.capacity // SECTOR, capacity // SECTOR)
-            self.capacity = capacity
+            runtime = self.runtime
+            if runtime is not None:
+                await runtime.hold()
+            try:
+                self.capacity = capacity
+                self._sync_config()
+                if self._native is not None:
+                    # The C side bounds-checks against the storage size it was given.
+                    old_native, self._native = self._native, self._native_for(self.storage)
+                    for engine in self._engines().values():
+                        engine.set_blk_storage(self._native)
+                    old_native.close()
+            finally:
+                if runtime is not None:
+                    runtime.release()
+            await self.notify_config_change()
+        return self.capacity
+
+    async def _notify_capacity(self) -> None:
+        if self._notified_capacity != self.capacity:
+            self._notified_capacity = self.capacity
             await self.notify_config_change()
 
+    def engine_retired(self, index: int, engine: NativeEngine) -> None:
+        # The totals outlive the engine (a stopped ring, a reconnect, a path change).
+        self._count_native(self.stats, engine.stats())
+        self._retired_latency[index] = self._retired_latency.get(index, LatencyHistogram.empty()) \
+            + engine.histogram()
+
+    @staticmethod
+    def _count_native(stats: Counter[str], q: dict[str, Any]) -> None:
+        for name, n in zip(NATIVE_STAT_NAMES, q["by_type"]):
+            if n:
+                stats[name] += n
+        if q["errors"]:
+            stats["errors"] += q["errors"]
+
     def info(self) -> dict[str, object]:
+        stats = Counter(self.stats)
+        inflight = sum(len(s) for s in self._inflight.values())
+        per_queue = []
+        for index, engine in sorted(self._engines().items()):
+            q = engine.stats()
+            inflight += q["inflight"]
+            self._count_native(stats, q)
+            hist = engine.histogram()
+            per_queue.append({"queue": index, **{k: v for k, v in q.items() if k != "by_type"},
+                              "latency_us": hist.summary_us()})
         return {
             "backend": self.storage.url,
             "capacity": self.capacity,
             "sectors": self.capacity // SECTOR,
             "read_only": self.read_only,
             "queues": self.num_queues,
+            "dataplane": "native" if self._native is not None else "python",
+            "poll_us": self.poll_us,
             "write_cache": "writeback" if self.wce else "writethrough",
-            "inflight": sum(len(s) for s in self._inflight.values()),
+            "inflight": inflight,
             "paused": self.paused,
-            "stats": dict(self.stats),
+            "stats": dict(stats),
+            "queue_stats": per_queue,
         }
 
 

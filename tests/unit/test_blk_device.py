@@ -48,6 +48,16 @@ CONFIG_FIELDS = ("capacity", "size_max", "seg_max", "cylinders", "heads", "secto
                  "discard_sector_alignment", "max_write_zeroes_sectors", "max_write_zeroes_seg",
                  "write_zeroes_may_unmap")
 
+
+
+@pytest.fixture(autouse=True, params=["python", "auto"])
+def dataplane(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs on both data paths: the Python reference, and the native
+    engine wherever the storage has one (null, mem, file)."""
+    monkeypatch.setattr(BlkDevice, "default_dataplane", request.param)
+    return str(request.param)
+
+
 needs_qemu_nbd = pytest.mark.skipif(shutil.which("qemu-nbd") is None, reason="qemu-nbd not installed")
 
 

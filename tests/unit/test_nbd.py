@@ -1,7 +1,7 @@
 """Tests of the NBD client (`NbdStorage`).
 
-Most run against `FakeNbdServer`, a small in-process server written here
-whose misbehaviour is scriptable (no NBD_OPT_GO, replies out of order or cut
+Most run against `FakeNbdServer` (backends.blk.storage.testing), a small
+in-process server whose misbehaviour is scriptable (no NBD_OPT_GO, replies out of order or cut
 into scraps, error replies, bad magic, dying mid-request), so every branch of
 the handshake and the reply reader is reached deterministically.  The rest
 use real servers: qemu-nbd killed in mid-session, qemu-nbd exporting
@@ -26,213 +26,14 @@ import pytest
 
 from backends.blk.storage import NbdStorage, open_storage
 from backends.blk.storage import nbd_proto as P
-from backends.blk.storage.testing import QemuNbdServer
+from backends.blk.storage.testing import FAKE_NBD_FLAGS as FLAGS_ALL
+from backends.blk.storage.testing import FakeNbdServer, QemuNbdServer
 from vdev.errors import DeviceError
-
-FLAGS_ALL = (P.NBD_FLAG_HAS_FLAGS | P.NBD_FLAG_SEND_FLUSH | P.NBD_FLAG_SEND_TRIM
-             | P.NBD_FLAG_SEND_WRITE_ZEROES)
 
 
 def pattern(n: int, seed: int = 1) -> bytes:
     rnd = random.Random(seed)
     return rnd.randbytes(n)
-
-
-class FakeNbdServer:
-    """A scriptable NBD server on a Unix socket, in the test's event loop."""
-
-    def __init__(self, path: str, *, size: int = 1 << 20, flags: int = FLAGS_ALL,
-                 fixed_newstyle: bool = True, no_zeroes: bool = True, opt_go: bool = True,
-                 exports: tuple[str, ...] = ("disk",), block_size: tuple[int, int, int] | None = None,
-                 fragment: bool = False) -> None:
-        self.path = path
-        self.data = bytearray(size)
-        self.flags = flags
-        self.fixed_newstyle = fixed_newstyle
-        self.no_zeroes = no_zeroes
-        self.opt_go = opt_go
-        self.exports = exports
-        self.block_size = block_size
-        self.fragment = fragment
-        self.options: list[int] = []
-        self.requests: list[tuple[int, int, int, int]] = []   # (cmd, flags, offset, length)
-        self.errors: dict[int, int] = {}       # cmd -> NBD error for the next such request
-        self.hold = False                      # queue replies until release()
-        self.reverse = False                   # release() answers newest first
-        self.bad_magic = False
-        self.wrong_handle = False
-        self.die_on_request = False            # drop the connection when a request arrives
-        self.silent = False                    # accept, never greet
-        self.garbage = False                   # greet with nonsense
-        self.greeting: bytes | None = None     # replace the greeting
-        self.go_reply: bytes | None = None     # raw bytes answering NBD_OPT_GO, then hang up
-        self.split_reply: asyncio.Event | None = None  # send half a READ reply, wait for this
-        self.cut_reply = False                 # send half a READ reply, then drop the connection
-        self.got_request = asyncio.Event()
-        self.disconnected = asyncio.Event()
-        self._held: list[tuple[asyncio.StreamWriter, bytes]] = []
-        self._server: asyncio.AbstractServer | None = None
-        self._writers: list[asyncio.StreamWriter] = []
-        self._tasks: list[asyncio.Task[None]] = []
-
-    @property
-    def url(self) -> str:
-        return f"nbd+unix:///disk?socket={self.path}"
-
-    async def __aenter__(self) -> FakeNbdServer:
-        self._server = await asyncio.start_unix_server(self._serve, self.path)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for w in self._writers:
-            w.transport.abort()
-        # Let the handlers see EOF and end on their own (a handler cancelled
-        # by loop teardown makes asyncio log a spurious error).
-        await asyncio.wait(self._tasks, timeout=2) if self._tasks else None
-        await self._server.wait_closed()
-
-    # -- scripting --
-
-    async def release(self) -> None:
-        held, self._held = self._held, []
-        if self.reverse:
-            held.reverse()
-        for writer, reply in held:
-            await self._send(writer, reply)
-
-    async def wait_requests(self, n: int) -> None:
-        while len([r for r in self.requests if r[0] != P.NBD_CMD_DISC]) < n:
-            self.got_request.clear()
-            await asyncio.wait_for(self.got_request.wait(), 5)
-
-    # -- protocol --
-
-    async def _send(self, writer: asyncio.StreamWriter, data: bytes) -> None:
-        if not self.fragment:
-            writer.write(data)
-            await writer.drain()
-            return
-        # Cut into scraps of random size so replies straddle every boundary.
-        rnd = random.Random(len(data))
-        pos = 0
-        while pos < len(data):
-            k = rnd.choice((1, 2, 3, 5, 7, 16, 100, 5000))
-            writer.write(data[pos:pos + k])
-            await writer.drain()
-            await asyncio.sleep(0)
-            pos += k
-
-    async def _option_reply(self, writer: asyncio.StreamWriter, opt: int, rtype: int,
-                            data: bytes = b"") -> None:
-        writer.write(P.OPTION_REPLY.pack(P.OPTION_REPLY_MAGIC, opt, rtype, len(data)) + data)
-        await writer.drain()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.append(writer)
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.append(task)
-        try:
-            if self.silent:
-                await reader.read()
-                return
-            if self.garbage:
-                writer.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
-                await writer.drain()
-                return
-            hflags = (P.NBD_FLAG_FIXED_NEWSTYLE if self.fixed_newstyle else 0) | \
-                     (P.NBD_FLAG_NO_ZEROES if self.no_zeroes else 0)
-            writer.write(self.greeting or P.SERVER_GREETING.pack(P.NBDMAGIC, P.IHAVEOPT, hflags))
-            await writer.drain()
-            (cflags,) = P.CLIENT_FLAGS.unpack(await reader.readexactly(4))
-            no_zeroes = bool(cflags & P.NBD_FLAG_C_NO_ZEROES)
-            while True:
-                magic, opt, length = P.OPTION_HEADER.unpack(await reader.readexactly(P.OPTION_HEADER.size))
-                assert magic == P.IHAVEOPT
-                data = await reader.readexactly(length)
-                self.options.append(opt)
-                if opt == P.NBD_OPT_EXPORT_NAME:
-                    if data.decode() not in self.exports:
-                        return  # the only way to refuse EXPORT_NAME
-                    writer.write(P.EXPORT_NAME_REPLY.pack(len(self.data), self.flags)
-                                 + (b"" if no_zeroes else bytes(P.EXPORT_NAME_PADDING)))
-                    await writer.drain()
-                    break
-                if opt == P.NBD_OPT_ABORT:
-                    await self._option_reply(writer, opt, P.NBD_REP_ACK)
-                    return
-                if opt == P.NBD_OPT_GO and self.go_reply is not None:
-                    writer.write(self.go_reply)
-                    await writer.drain()
-                    return
-                if opt in (P.NBD_OPT_GO, P.NBD_OPT_INFO) and self.opt_go:
-                    (nlen,) = P.NAME_LENGTH.unpack_from(data)
-                    name = data[4:4 + nlen].decode()
-                    if name not in self.exports:
-                        await self._option_reply(writer, opt, P.NBD_REP_ERR_UNKNOWN, b"no such export")
-                        continue
-                    # An info type we never asked for must be skipped by the client.
-                    await self._option_reply(writer, opt, P.NBD_REP_INFO, struct.pack(">H", 2) + b"nameish")
-                    await self._option_reply(writer, opt, P.NBD_REP_INFO,
-                                             P.INFO_EXPORT.pack(P.NBD_INFO_EXPORT, len(self.data), self.flags))
-                    if self.block_size:
-                        await self._option_reply(writer, opt, P.NBD_REP_INFO,
-                                                 P.INFO_BLOCK_SIZE.pack(P.NBD_INFO_BLOCK_SIZE, *self.block_size))
-                    await self._option_reply(writer, opt, P.NBD_REP_ACK)
-                    if opt == P.NBD_OPT_GO:
-                        break
-                    continue
-                await self._option_reply(writer, opt, P.NBD_REP_ERR_UNSUP)
-            await self._transmission(reader, writer)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    async def _transmission(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            magic, flags, cmd, handle, offset, length = P.REQUEST.unpack(
-                await reader.readexactly(P.REQUEST.size))
-            assert magic == P.NBD_REQUEST_MAGIC
-            self.requests.append((cmd, flags, offset, length))
-            self.got_request.set()
-            if cmd == P.NBD_CMD_DISC:
-                self.disconnected.set()
-                return
-            payload = await reader.readexactly(length) if cmd == P.NBD_CMD_WRITE else b""
-            if self.die_on_request:
-                writer.transport.abort()
-                return
-            error = self.errors.pop(cmd, 0)
-            body = b""
-            if not error:
-                if cmd == P.NBD_CMD_READ:
-                    body = bytes(self.data[offset:offset + length])
-                elif cmd == P.NBD_CMD_WRITE:
-                    self.data[offset:offset + length] = payload
-                elif cmd in (P.NBD_CMD_TRIM, P.NBD_CMD_WRITE_ZEROES):
-                    self.data[offset:offset + length] = bytes(length)
-            magic_out = 0x12345678 if self.bad_magic else P.NBD_SIMPLE_REPLY_MAGIC
-            reply = P.SIMPLE_REPLY.pack(magic_out, error, handle + (1 if self.wrong_handle else 0)) + body
-            if self.hold:
-                self._held.append((writer, reply))
-            elif cmd == P.NBD_CMD_READ and (self.split_reply or self.cut_reply) and body:
-                resume = self.split_reply
-                half = len(reply) // 2
-                writer.write(reply[:half])
-                await writer.drain()
-                if self.cut_reply:
-                    await asyncio.sleep(0.02)
-                    writer.transport.abort()
-                    return
-                assert resume is not None
-                await resume.wait()
-                writer.write(reply[half:])
-                await writer.drain()
-            else:
-                await self._send(writer, reply)
 
 
 @pytest.fixture

@@ -36,6 +36,8 @@ _PEER = textwrap.dedent(r"""
     fd, size, off, mode, count = (int(a) if a.isdigit() else a for a in sys.argv[1:6])
     mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     field = memoryview(mm)[off: off + 2].cast("H")
+    if mode == "write":
+        field[0] = 0x00FF          # a valid value is in place before the device looks
     print("ready", flush=True)
     if mode == "read":
         # Spin on used.idx until it reaches `count`; it may only ever grow.

@@ -826,4 +826,4 @@ async def test_register_third_party_scheme() -> None:
 
 def test_nbd_class_is_registered() -> None:
     assert parse_storage_url("nbd://h/x").scheme == "nbd"
-    assert NbdStorage.url_options == frozenset({"readonly", "socket"})
+    assert NbdStorage.url_options == frozenset({"readonly", "socket", "timeout", "reconnect-delay"})

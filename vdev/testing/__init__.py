@@ -12,6 +12,8 @@
   posts a chain and waits for its completion.
 * `device_pair()` — a `Device` served in-process on a temporary socket with a
   connected `VirtioFrontend`: the whole stack, no QEMU.
+* `check_queue(factory)` — the conformance suite every split-virtqueue
+  implementation (the C ring included) must pass against the Python reference.
 
 The QEMU guest harness lives in `vdev.testing.guest`.
 """
@@ -36,6 +38,7 @@ from vhost_user.messages import (
 )
 
 from ..device import Device, serve
+from .conformance import check_queue
 from ..memory import MappedRegion, RegionTable, load_u16, store_u16
 from ..uapi.virtio import (
     DESC_SIZE,
@@ -45,7 +48,7 @@ from ..uapi.virtio import (
     VirtioFeature,
 )
 
-__all__ = ["Buffer", "DriverQueue", "FakeGuestMemory", "MemfdGuestMemory", "Used",
+__all__ = ["Buffer", "DriverQueue", "check_queue", "FakeGuestMemory", "MemfdGuestMemory", "Used",
            "VirtioFrontend", "device_pair"]
 
 _DESC = struct.Struct("<QIHH")

@@ -182,6 +182,18 @@ class Storage(abc.ABC):
         the device may advertise it as the logical block size."""
         return SECTOR_SIZE
 
+    @property
+    def request_timeout(self) -> float | None:
+        """Longest one request can take before it fails, if the back end
+        bounds it (network storage does); None: no bound of its own.  The
+        device bounds pause and swap by it."""
+        return None
+
+    def status(self) -> dict[str, object]:
+        """Extra fields for the control socket's ``info`` (e.g. an NBD
+        connection's state); empty by default."""
+        return {}
+
     # ---- capabilities (the device derives feature bits from these) --------
 
     @property

@@ -19,20 +19,27 @@ memoryview); small replies land in a staging buffer together with the
 following headers and are copied, which costs less than a syscall per
 scrap.
 
-Failure: when the connection drops (server killed, protocol violation), every
-pending request fails with `DeviceError` at once and every later one fails
-immediately; nothing waits for a reply that cannot come.
+Failure: when the connection drops (server killed, protocol violation) or a
+request has no reply within ``?timeout=`` seconds (default 30; one timer per
+connection, at the oldest request's deadline), every pending request fails
+with `DeviceError` at once; nothing waits for a reply that cannot come.  The
+storage then reconnects in the background with exponential backoff (0.1 s
+doubling to at most 5 s), and meanwhile requests wait up to
+``?reconnect-delay=`` seconds (default 0) for the new connection before they
+fail.  The policy in full is in `NbdStorage` and the package README.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import itertools
 import logging
+import math
 import os
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from urllib.parse import unquote, urlsplit
 
@@ -156,11 +163,13 @@ async def _opt_go(loop: asyncio.AbstractEventLoop, sock: socket.socket, option: 
 
 
 async def _handshake(loop: asyncio.AbstractEventLoop, sock: socket.socket, export: str,
-                     *, info_only: bool = False) -> NbdExportInfo | None:
+                     *, info_only: bool = False, greeting: bytes | None = None) -> NbdExportInfo | None:
     """Run the negotiation.  ``info_only``: use NBD_OPT_INFO, then NBD_OPT_ABORT,
-    never entering transmission (None if the server cannot do that)."""
-    magic, second, hflags = P.SERVER_GREETING.unpack(
-        await _recv_exactly(loop, sock, P.SERVER_GREETING.size))
+    never entering transmission (None if the server cannot do that).
+    ``greeting``: the server's greeting, if the caller has read it already."""
+    if greeting is None:
+        greeting = await _recv_exactly(loop, sock, P.SERVER_GREETING.size)
+    magic, second, hflags = P.SERVER_GREETING.unpack(greeting)
     if magic != P.NBDMAGIC:
         raise NbdHandshakeError(f"not an NBD server (greeting magic {magic:#x})")
     if second == P.CLISERV_MAGIC:
@@ -233,21 +242,28 @@ async def _connect_socket(loop: asyncio.AbstractEventLoop, *, host: str | None, 
 class _Pending:
     """One request waiting for its reply."""
 
-    __slots__ = ("cmd", "future", "buffers", "length")
+    __slots__ = ("cmd", "future", "buffers", "length", "deadline")
 
     def __init__(self, cmd: int, future: asyncio.Future[int], buffers: list[memoryview] | None,
-                 length: int) -> None:
+                 length: int, deadline: float) -> None:
         self.cmd = cmd
         self.future = future
         self.buffers = buffers   # READ destination; None once nobody wants the data
         self.length = length
+        self.deadline = deadline  # loop time by which the whole reply must be in
 
 
 class _NbdProtocol(asyncio.BufferedProtocol):
     """The reply reader: turns the byte stream back into completed requests."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, timeout: float | None = None,
+                 on_dead: Callable[[_NbdProtocol], None] | None = None) -> None:
         self.name = name
+        #: Seconds a request may wait for its whole reply; then the connection is dead.
+        self.timeout = timeout
+        self._on_dead = on_dead
+        self._dead_told = False
+        self._watchdog: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport | None = None
         self.pending: dict[int, _Pending] = {}
         self.error: DeviceError | None = None   # set once the connection is unusable
@@ -321,6 +337,54 @@ class _NbdProtocol(asyncio.BufferedProtocol):
         self._drain_waiters.clear()
         if not self.lost.done():
             self.lost.set_result(None)
+        self._tell_dead()
+
+    def _tell_dead(self) -> None:
+        """Tell the storage, once, that this connection can serve no more requests."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        if not self._dead_told and self._on_dead is not None:
+            self._dead_told = True
+            self._on_dead(self)
+
+    def retire(self, error: DeviceError) -> None:
+        """Refuse new requests (the server is shutting down) and let the
+        storage reconnect; requests already sent still get their replies."""
+        if self.error is None:
+            self.error = error
+        self._tell_dead()
+
+    # -- the per-request timeout --
+
+    def _arm_watchdog(self, deadline: float) -> None:
+        if self._watchdog is None:
+            self._watchdog = asyncio.get_running_loop().call_at(deadline, self._check_deadlines)
+
+    def _check_deadlines(self) -> None:
+        """One timer per connection, at the earliest deadline: requests are
+        sent in handle order with one timeout, so the oldest entry of
+        ``pending`` (or the READ whose payload is arriving) is the earliest."""
+        self._watchdog = None
+        if self.error is not None or self.timeout is None:
+            return
+        oldest: list[_Pending] = []
+        if self._cur is not None:
+            oldest.append(self._cur)
+        if self.pending:
+            oldest.append(next(iter(self.pending.values())))
+        if not oldest:
+            return
+        first = min(oldest, key=lambda p: p.deadline)
+        loop = asyncio.get_running_loop()
+        if first.deadline <= loop.time():
+            what = P.CMD_NAMES.get(first.cmd, str(first.cmd))
+            self._abort(DeviceError(
+                f"NBD server {self.name} did not answer a {what} within {self.timeout:g} s; "
+                f"connection dropped", status=STATUS_IOERR,
+                cause=TimeoutError(errno.ETIMEDOUT, f"no reply within {self.timeout:g} s")))
+            return
+        self._watchdog = loop.call_at(first.deadline, self._check_deadlines)
 
     def pause_writing(self) -> None:
         self._paused = True
@@ -438,6 +502,7 @@ class _NbdProtocol(asyncio.BufferedProtocol):
         self._fail_all()
         if self.transport is not None:
             self.transport.abort()
+        self._tell_dead()
 
     # -- writing --
 
@@ -462,8 +527,12 @@ class _NbdProtocol(asyncio.BufferedProtocol):
             raise DeviceError(e.message, status=e.status, cause=e.cause)
         assert self.transport is not None
         handle = next(self._handles)
-        p = _Pending(cmd, asyncio.get_running_loop().create_future(), dest, length)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout if self.timeout is not None else float("inf")
+        p = _Pending(cmd, loop.create_future(), dest, length, deadline)
         self.pending[handle] = p
+        if self.timeout is not None:
+            self._arm_watchdog(deadline)
         # Header and payload go out back to back with no await in between,
         # so concurrent requests never interleave on the wire.
         self.transport.write(P.REQUEST.pack(P.NBD_REQUEST_MAGIC, flags, cmd, handle, offset, length))
@@ -511,34 +580,139 @@ def _split(offset: int, buffers: Sequence[memoryview], limit: int
 
 # ---- the storage -----------------------------------------------------------------
 
-class NbdStorage(Storage):
-    """A disk served by an NBD server, over TCP or a Unix socket."""
+def _parse_seconds(name: str, value: str, url: str, *, positive: bool = False) -> float:
+    """A number of seconds in a URL option; ValueError naming it."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0 or (positive and seconds == 0) or seconds > 86400:
+        raise ValueError(f"cannot parse {name}={value!r} in {url!r} (seconds, "
+                         f"{'more than 0' if positive else '0 or more'}, at most 86400)")
+    return seconds
 
-    url_options = frozenset({"readonly", "socket"})
+
+def _reason(exc: BaseException) -> str:
+    """A never-empty description of why something failed."""
+    if isinstance(exc, DeviceError):
+        cause = f": {_reason(exc.cause)}" if exc.cause is not None else ""
+        return f"{exc.message}{cause}"
+    text = str(exc)
+    return text if text else type(exc).__name__
+
+
+async def _open_connection(*, host: str | None, port: int, socket_path: str | None, export: str,
+                           where: str, connect_timeout: float, timeout: float | None,
+                           on_dead: Callable[[_NbdProtocol], None] | None
+                           ) -> tuple[_NbdProtocol, NbdExportInfo]:
+    """Connect, negotiate and start the reply reader; failures are `DeviceError`."""
+    loop = asyncio.get_running_loop()
+    sock: socket.socket | None = None
+    try:
+        async with asyncio.timeout(connect_timeout):
+            sock = await _connect_socket(loop, host=host, port=port, socket_path=socket_path)
+            info = await _handshake(loop, sock, export)
+            assert info is not None
+            protocol = _NbdProtocol(where, timeout, on_dead)
+            if socket_path is not None:
+                await loop.create_unix_connection(lambda: protocol, sock=sock)
+            else:
+                await loop.create_connection(lambda: protocol, sock=sock)
+    except TimeoutError as e:
+        if sock is not None:
+            sock.close()
+        raise io_error(f"cannot connect to NBD server {where}: timed out after {connect_timeout:g}s",
+                       e, value=export) from e
+    except OSError as e:  # includes NbdHandshakeError
+        if sock is not None:
+            sock.close()
+        raise io_error(f"cannot connect to NBD server {where}", e, value=export) from e
+    except BaseException:
+        if sock is not None:
+            sock.close()
+        raise
+    return protocol, info
+
+
+class NbdStorage(Storage):
+    """A disk served by an NBD server, over TCP or a Unix socket.
+
+    Timeout and reconnect policy (see the package README):
+
+    * every request must have its whole reply within ``timeout`` seconds
+      (``?timeout=``, default 30); otherwise it fails with IOERR and the
+      connection is treated as dead (a server that stops answering cannot
+      be told apart from a dead one);
+    * a dead connection (lost, timed out, or the server shutting down) is
+      replaced in the background: attempts after 0.1, 0.2, 0.4 ... seconds,
+      at most 5 s apart, for as long as the storage is open;
+    * while there is no connection, a request waits until
+      ``reconnect-delay`` seconds (``?reconnect-delay=``, default 0) after the
+      loss, then fails with IOERR; requests in flight when the connection
+      died are sent again on the new one if it comes within that window
+      (once), otherwise they fail with IOERR.  With the default 0 nothing
+      waits: every request fails at once until the connection is back, as
+      QEMU's NBD client does by default.
+    """
+
+    url_options = frozenset({"readonly", "socket", "timeout", "reconnect-delay"})
 
     #: How long `aclose` lets in-flight requests finish before dropping them.
     CLOSE_TIMEOUT = 5.0
+    #: Default per-request timeout (``?timeout=``).
+    DEFAULT_TIMEOUT = 30.0
+    #: Longest a connection attempt (connect + handshake) may take; at most the request timeout.
+    CONNECT_TIMEOUT = 10.0
+    #: Reconnect backoff: first wait, and the longest wait between attempts.
+    BACKOFF_START = 0.1
+    BACKOFF_CAP = 5.0
+    #: How long `refresh_size` waits for a second connection to be greeted
+    #: when the export does not advertise NBD_FLAG_CAN_MULTI_CONN.
+    RESIZE_GREETING_TIMEOUT = 1.0
 
     def __init__(self, *, url: str, info: NbdExportInfo, protocol: _NbdProtocol,
                  host: str | None, port: int, socket_path: str | None, export: str,
-                 read_only: bool, connect_timeout: float, max_request: int) -> None:
+                 read_only: bool, connect_timeout: float, max_request: int,
+                 timeout: float | None = None, reconnect_delay: float = 0.0) -> None:
         # Use `connect` (or `open_storage`); this only assembles the parts.
         self.url = url
-        self.info = info
         self.export = export
+        self._host, self._port, self._socket_path = host, port, socket_path
+        self._where = socket_path if socket_path is not None else f"{host}:{port}"
+        self._connect_timeout = connect_timeout
+        self._want_max_request = max_request
+        self._forced_read_only = read_only
+        self.timeout = timeout
+        self.reconnect_delay = reconnect_delay
+        self._close_task: asyncio.Future[None] | None = None
+        # connection state
+        self._state = "connected"
+        self._last_error: str | None = None
+        self._lost_at = 0.0
+        self._up = asyncio.Event()
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self._retired: set[asyncio.Task[None]] = set()
+        self.reconnects = 0
+        self._install(protocol, info)
+
+    def _install(self, protocol: _NbdProtocol, info: NbdExportInfo) -> None:
+        self.info = info
         self.export_flags = info.flags
         self._proto = protocol
-        self._host, self._port, self._socket_path = host, port, socket_path
-        self._connect_timeout = connect_timeout
-        self.read_only = read_only or bool(info.flags & P.NBD_FLAG_READ_ONLY)
+        protocol._on_dead = self._on_dead
+        self.read_only = self._forced_read_only or bool(info.flags & P.NBD_FLAG_READ_ONLY)
         self._size = info.size
-        self._max_request = max(SECTOR_SIZE, min(max_request, info.max_payload or max_request))
-        self._close_task: asyncio.Future[None] | None = None
+        self._max_request = max(SECTOR_SIZE, min(self._want_max_request, info.max_payload or self._want_max_request))
+        self._state = "connected"
+        self._up.set()
 
     # ---- URL -------------------------------------------------------------------
 
     @classmethod
     def parse_spec(cls, spec: StorageSpec) -> StorageSpec:
+        for name in ("timeout", "reconnect-delay"):
+            if name in spec.options:
+                _parse_seconds(name, spec.options[name], spec.url, positive=name == "timeout")
         parts = urlsplit(f"{spec.scheme}:{spec.target}")
         export = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
         if spec.scheme == "nbd+unix":
@@ -564,51 +738,139 @@ class NbdStorage(Storage):
 
     @classmethod
     async def open(cls, spec: StorageSpec) -> NbdStorage:
+        timeout = cls.DEFAULT_TIMEOUT
+        if "timeout" in spec.options:
+            timeout = _parse_seconds("timeout", spec.options["timeout"], spec.url, positive=True)
+        delay = 0.0
+        if "reconnect-delay" in spec.options:
+            delay = _parse_seconds("reconnect-delay", spec.options["reconnect-delay"], spec.url)
         return await cls.connect(host=spec.host, port=spec.port or P.NBD_DEFAULT_PORT,
                                  socket_path=spec.socket, export=spec.export or "",
-                                 read_only=spec.read_only, url=spec.url)
+                                 read_only=spec.read_only, url=spec.url, timeout=timeout,
+                                 reconnect_delay=delay)
 
     @classmethod
     async def connect(cls, *, host: str | None = None, port: int = P.NBD_DEFAULT_PORT,
                       socket_path: str | None = None, export: str = "", read_only: bool = False,
-                      url: str | None = None, connect_timeout: float = 10.0,
-                      max_request: int = MAX_REQUEST) -> NbdStorage:
-        """Connect and negotiate; failures are `DeviceError` with the cause."""
+                      url: str | None = None, connect_timeout: float | None = None,
+                      max_request: int = MAX_REQUEST, timeout: float | None = DEFAULT_TIMEOUT,
+                      reconnect_delay: float = 0.0) -> NbdStorage:
+        """Connect and negotiate; failures are `DeviceError` with the cause.
+
+        ``timeout``: seconds each request may wait for its reply (None: for
+        ever); ``connect_timeout`` defaults to the smaller of 10 s and it.
+        ``reconnect_delay``: see the class docstring.
+        """
         if (host is None) == (socket_path is None):
             raise ValueError("give exactly one of host= and socket_path=")
+        if connect_timeout is None:
+            connect_timeout = min(cls.CONNECT_TIMEOUT, timeout) if timeout is not None else cls.CONNECT_TIMEOUT
         where = socket_path if socket_path is not None else f"{host}:{port}"
         url = url or (f"nbd+unix:///{export}?socket={socket_path}" if socket_path is not None
                       else f"nbd://{host}:{port}/{export}")
-        loop = asyncio.get_running_loop()
-        sock: socket.socket | None = None
-        try:
-            async with asyncio.timeout(connect_timeout):
-                sock = await _connect_socket(loop, host=host, port=port, socket_path=socket_path)
-                info = await _handshake(loop, sock, export)
-                assert info is not None
-                protocol = _NbdProtocol(where)
-                if socket_path is not None:
-                    await loop.create_unix_connection(lambda: protocol, sock=sock)
-                else:
-                    await loop.create_connection(lambda: protocol, sock=sock)
-        except TimeoutError as e:
-            if sock is not None:
-                sock.close()
-            raise io_error(f"cannot connect to NBD server {where}: timed out after {connect_timeout}s",
-                           e, value=export) from e
-        except OSError as e:  # includes NbdHandshakeError
-            if sock is not None:
-                sock.close()
-            raise io_error(f"cannot connect to NBD server {where}", e, value=export) from e
-        except BaseException:
-            if sock is not None:
-                sock.close()
-            raise
+        protocol, info = await _open_connection(host=host, port=port, socket_path=socket_path, export=export,
+                                                where=where, connect_timeout=connect_timeout,
+                                                timeout=timeout, on_dead=None)
         log.debug("%s: export %r size %d flags %#x via %s", where, export, info.size, info.flags,
                   info.negotiated_with)
         return cls(url=url, info=info, protocol=protocol, host=host, port=port, socket_path=socket_path,
                    export=export, read_only=read_only, connect_timeout=connect_timeout,
-                   max_request=max_request)
+                   max_request=max_request, timeout=timeout, reconnect_delay=reconnect_delay)
+
+    # ---- the connection: loss, reconnect, state ------------------------------------
+
+    def _on_dead(self, proto: _NbdProtocol) -> None:
+        """The current connection can serve no more requests: reconnect."""
+        if proto is not self._proto or self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        self._lost_at = loop.time()
+        self._up.clear()
+        self._state = "reconnecting"
+        self._last_error = _reason(proto.error) if proto.error is not None else "connection lost"
+        log.warning("%s: %s; reconnecting in the background (requests %s)", self.url, self._last_error,
+                    f"wait up to {self.reconnect_delay:g} s" if self.reconnect_delay
+                    else "fail until it is back")
+        if self._reconnect_task is None or self._reconnect_task.done():
+            self._reconnect_task = loop.create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        delay = self.BACKOFF_START
+        attempts = 0
+        while not self._closed:
+            await asyncio.sleep(delay)
+            if self._closed:
+                return
+            attempts += 1
+            try:
+                proto, info = await _open_connection(
+                    host=self._host, port=self._port, socket_path=self._socket_path, export=self.export,
+                    where=self._where, connect_timeout=self._connect_timeout, timeout=self.timeout,
+                    on_dead=self._on_dead)
+            except DeviceError as e:
+                # A server that answers but refuses us (export gone, policy)
+                # is "failed": retrying goes on, but it needs an operator.
+                self._state = "failed" if isinstance(e.cause, NbdHandshakeError) else "reconnecting"
+                reason = _reason(e)
+                if reason != self._last_error:
+                    log.warning("%s: reconnect attempt %d failed: %s (retrying, at most %g s apart)",
+                                self.url, attempts, reason, self.BACKOFF_CAP)
+                self._last_error = reason
+                delay = min(delay * 2, self.BACKOFF_CAP)
+                continue
+            if self._closed:
+                if proto.transport is not None:
+                    proto.transport.abort()
+                return
+            if info.size != self._size:
+                log.warning("%s: the export is %d bytes now (was %d); `resize` tells the guest",
+                            self.url, info.size, self._size)
+            self.reconnects += 1
+            self._install(proto, info)
+            log.info("%s: reconnected to %s after %d attempt%s", self.url, self._where, attempts,
+                     "" if attempts == 1 else "s")
+            return
+
+    async def _connection(self, op: str) -> _NbdProtocol:
+        """The live connection, waiting for a reconnect per the policy."""
+        self.check_open(op)
+        proto = self._proto
+        if proto.error is None:
+            return proto
+        loop = asyncio.get_running_loop()
+        left = self._lost_at + self.reconnect_delay - loop.time()
+        if left > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await self._up.wait()
+            self.check_open(op)
+            if self._proto.error is None:
+                return self._proto
+        e = proto.error
+        raise DeviceError(f"NBD {op} on {self.url} failed: connection to {self._where} lost, "
+                          f"{self._state} ({self._last_error})", status=STATUS_IOERR,
+                          cause=e.cause if e is not None else None)
+
+    @property
+    def connection_state(self) -> str:
+        """"connected", "reconnecting" (lost; retrying with backoff), "failed"
+        (the server refused the last attempt; still retrying) or "closed"."""
+        return "closed" if self._closed else self._state
+
+    @property
+    def request_timeout(self) -> float | None:
+        """Longest a request can take: the reply timeout, plus, when
+        requests wait for a reconnect, that wait and one resend."""
+        if self.timeout is None:
+            return None
+        if self.reconnect_delay:
+            return 2 * self.timeout + self.reconnect_delay
+        return self.timeout
+
+    def status(self) -> dict[str, object]:
+        return {"connection": self.connection_state, "connection_error": self._last_error,
+                "reconnects": self.reconnects, "timeout": self.timeout,
+                "reconnect_delay": self.reconnect_delay}
 
     # ---- capabilities ----------------------------------------------------------
 
@@ -639,27 +901,51 @@ class NbdStorage(Storage):
 
     async def _request(self, op: str, cmd: int, flags: int, offset: int, length: int, *,
                        payload: Sequence[memoryview] = (), dest: list[memoryview] | None = None) -> None:
-        self.check_open(op)
-        proto = self._proto
-        await proto.drain()
-        p = proto.submit(cmd, flags, offset, length, payload=payload, dest=dest)
-        try:
-            err = await p.future
-        except asyncio.CancelledError:
-            proto.abandon(p)
-            raise
-        if err:
-            raise self._reply_error(op, err, offset, length)
+        resent = False
+        while True:
+            proto = await self._connection(op)
+            await proto.drain()
+            try:
+                p = proto.submit(cmd, flags, offset, length, payload=payload, dest=dest)
+                try:
+                    err = await p.future
+                except asyncio.CancelledError:
+                    proto.abandon(p)
+                    raise
+            except DeviceError:
+                # The connection died with this request on it.  Within the
+                # reconnect window it is sent once more on the next
+                # connection (reads, writes, trims and flushes are all
+                # idempotent); otherwise the guest gets IOERR.
+                if resent or not self.reconnect_delay or self._closed:
+                    raise
+                resent = True
+                continue
+            if err:
+                raise self._reply_error(op, err, offset, length)
+            return
 
     def _reply_error(self, op: str, err: int, offset: int, length: int) -> DeviceError:
-        code = P.NBD_ERRNO.get(err, err)
-        cause = OSError(code, os.strerror(code))
-        if err == P.NBD_ESHUTDOWN:
-            # The spec wants a soft disconnect from us now.
+        code = P.NBD_ERRNO.get(err)
+        if code is not None:
+            cause = OSError(code, os.strerror(code))
+        else:
+            # proto.md "Error values": only the listed numbers are defined.
+            # Any other (up to 2**32 - 1, beyond a C int, so no strerror)
+            # is an I/O error that names the number the server sent.
+            cause = OSError(errno.EIO, f"NBD error {err} ({err:#x}), not defined by the protocol")
+            return DeviceError(f"NBD {op} on {self.url} failed with unknown NBD error {err}",
+                               status=STATUS_IOERR, value=(offset, length), cause=cause)
+        if err == P.NBD_ESHUTDOWN and self._proto.error is None:
+            # The spec wants a soft disconnect from us now; then reconnect
+            # (a restarted server is the usual reason).
             log.warning("%s: server is shutting down; disconnecting", self.url)
-            if self._close_task is None:
-                self._closed = True
-                self._close_task = asyncio.ensure_future(self._shutdown())
+            old = self._proto
+            old.retire(io_error(f"NBD server {self._where} is shutting down",
+                                OSError(errno.ESHUTDOWN, os.strerror(errno.ESHUTDOWN))))
+            task = asyncio.ensure_future(self._close_connection(old))
+            self._retired.add(task)
+            task.add_done_callback(self._retired.discard)
         status = STATUS_UNSUPP if err == P.NBD_ENOTSUP else STATUS_IOERR
         return DeviceError(f"NBD {op} on {self.url} failed", status=status, value=(offset, length),
                            cause=cause)
@@ -736,19 +1022,57 @@ class NbdStorage(Storage):
             await super().write_zeroes(offset, length, may_unmap=may_unmap)
 
     async def refresh_size(self) -> int:
-        """Ask the server again (a second connection, NBD_OPT_INFO then
-        NBD_OPT_ABORT); keeps the cached size if the server cannot tell."""
+        """The export's size now.
+
+        NBD reports the size only during negotiation (NBD_OPT_INFO/GO); an
+        open connection cannot ask again.  So:
+
+        * the size learnt at the last (re)connection is current for a
+          server that cannot change it while running (qemu-nbd: a bigger
+          image needs a restart, and the reconnect that follows renegotiates);
+        * a server that takes more clients is asked with NBD_OPT_INFO on a
+          second, short-lived connection (qemu-storage-daemon after
+          ``block_resize``).  Whether it does is known for sure only from
+          NBD_FLAG_CAN_MULTI_CONN (qemu-nbd sets it exactly when started
+          with ``--shared`` > 1); otherwise a second connection is tried, and
+          if the server does not greet it within `RESIZE_GREETING_TIMEOUT`
+          (qemu-nbd's default ``--shared=1`` queues it for ever) the size
+          from the last negotiation stands.
+
+        Raises:
+            DeviceError: not connected, or the server refused the question;
+                the message always says why.
+        """
         self.check_open("refresh_size")
+        what = f"cannot re-read the size of {self.url} from {self._where}"
+        if self._proto.error is not None:
+            raise io_error(f"{what}: not connected ({self.connection_state}: {self._last_error})",
+                           self._proto.error.cause)
         loop = asyncio.get_running_loop()
-        where = self._socket_path or f"{self._host}:{self._port}"
+        multi = self._has(P.NBD_FLAG_CAN_MULTI_CONN)
+        greet_timeout = self._connect_timeout if multi else min(self.RESIZE_GREETING_TIMEOUT,
+                                                                self._connect_timeout)
         sock: socket.socket | None = None
         try:
             async with asyncio.timeout(self._connect_timeout):
                 sock = await _connect_socket(loop, host=self._host, port=self._port,
                                              socket_path=self._socket_path)
-                info = await _handshake(loop, sock, self.export, info_only=True)
-        except (OSError, TimeoutError) as e:
-            raise io_error(f"cannot re-read the size of {self.url} from {where}", e) from e
+            try:
+                async with asyncio.timeout(greet_timeout):
+                    greeting = await _recv_exactly(loop, sock, P.SERVER_GREETING.size)
+            except TimeoutError:
+                if multi:
+                    raise
+                log.info("%s: the server did not greet a second connection within %g s (it serves one "
+                         "client, e.g. qemu-nbd without --shared); keeping the size from the last "
+                         "negotiation, %d bytes", self.url, greet_timeout, self._size)
+                return self._size
+            async with asyncio.timeout(self._connect_timeout):
+                info = await _handshake(loop, sock, self.export, info_only=True, greeting=greeting)
+        except TimeoutError as e:
+            raise io_error(f"{what}: no answer within {self._connect_timeout:g} s", e) from e
+        except OSError as e:
+            raise io_error(f"{what}: {_reason(e)}", e) from e
         finally:
             if sock is not None:
                 sock.close()
@@ -759,10 +1083,23 @@ class NbdStorage(Storage):
     # ---- closing -----------------------------------------------------------------
 
     async def _shutdown(self) -> None:
-        proto = self._proto
+        task = self._reconnect_task
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+        for retired in list(self._retired):
+            await asyncio.wait({retired})
+        await self._close_connection(self._proto)
+        self._up.set()   # nobody waits for a reconnect that will not come
+
+    async def _close_connection(self, proto: _NbdProtocol) -> None:
+        """Soft disconnect: in-flight requests finish (up to CLOSE_TIMEOUT),
+        NBD_CMD_DISC, close; a hard abort if the server does not cooperate."""
         transport = proto.transport
+        retiring = proto.error is not None and proto.transport is not None \
+            and not proto.transport.is_closing() and not proto.lost.done()
         try:
-            if proto.error is None and transport is not None and not transport.is_closing():
+            if (proto.error is None or retiring) and transport is not None and not transport.is_closing():
                 # The spec asks the client to let in-flight requests finish
                 # before NBD_CMD_DISC.
                 try:

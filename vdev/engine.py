@@ -1,0 +1,156 @@
+"""Queue engines: what serves a started virtqueue.
+
+A device serves each started queue either on the event loop (the Python
+path, `vdev.device.VirtQueue` + ``process_queue``: the reference) or with a
+**native engine**: a C worker thread that owns the ring, its kick and call
+eventfds and the per-request work, with no Python per request
+(``vdev/_native/src/engine.h``).  `DeviceRuntime` asks the device for an
+engine when a ring starts (`Device.create_engine`); a device that returns
+None is served on the Python path.
+
+`NativeEngine` is the Python handle of one C engine.  Its life:
+
+    start(mem, spec, kick, call)   ring set up, worker held
+    run() / hold()                 take chains / stop taking them
+    await quiesce()                held and nothing in flight (swap, memory change)
+    set_memory(mem)                only while quiesced
+    set_call(fd) / set_kick(fd)    at any time (the engine gets its own dup)
+    stop() -> (next_avail, next_used)   GET_VRING_BASE: every popped request answered
+    close()                        free it
+
+`stats()` and `histogram()` copy the worker's counters and its latency
+histogram without stopping it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from ._native import ffi, lib
+from .errors import VdevError
+from .histogram import LatencyHistogram
+from .native import NativeMemory, ring_error
+
+__all__ = ["NativeEngine", "RingSpec", "ENGINE_COUNTERS"]
+
+#: The per-queue counters every engine keeps (names as `stats()` returns them).
+ENGINE_COUNTERS = ("requests", "bytes_read", "bytes_written", "errors", "bad_chains", "kicks",
+                   "wakeups", "calls", "calls_suppressed", "batches", "polled", "inflight")
+
+
+@dataclass(frozen=True)
+class RingSpec:
+    """A ring about to start, in guest-physical terms (translated by the runtime)."""
+
+    index: int
+    size: int
+    desc: int
+    avail: int
+    used: int
+    next_avail: int
+    next_used: int
+    event_idx: bool
+    indirect: bool
+
+
+def _dup(fd: int | None) -> int:
+    return -1 if fd is None else os.dup(fd)
+
+
+class NativeEngine:
+    """One C queue engine (``struct vd_engine``), created by a device."""
+
+    def __init__(self, cdata: Any, *, poll_us: int = 0) -> None:
+        if cdata == ffi.NULL:
+            err = ffi.errno
+            raise VdevError(f"cannot create a native queue engine: {os.strerror(err)}")
+        self._e: Any = cdata
+        self.poll_us = poll_us
+        self._mem: NativeMemory | None = None
+        self.index = -1
+        self.started = False
+        self.stopped = False
+
+    def start(self, mem: NativeMemory, spec: RingSpec, kick_fd: int | None, call_fd: int | None) -> None:
+        """Set up the ring and the (held) worker.
+
+        Raises:
+            GuestError: the rings do not lie in guest memory.
+            OSError: the worker could not be started.
+        """
+        kick, call = _dup(kick_fd), _dup(call_fd)
+        rc = lib.vd_engine_start(self._e, mem.cdata, spec.size, spec.index, spec.desc, spec.avail,
+                                 spec.used, spec.next_avail & 0xFFFF, spec.next_used & 0xFFFF,
+                                 spec.event_idx, spec.indirect, kick, call, self.poll_us)
+        if rc:
+            for fd in (kick, call):
+                if fd >= 0:
+                    os.close(fd)
+            if rc < 0:
+                raise OSError(-rc, f"queue {spec.index}: {os.strerror(-rc)}")
+            raise ring_error(rc, queue=spec.index)
+        self._mem = mem
+        self.index = spec.index
+        self.started = True
+
+    def run(self) -> None:
+        lib.vd_engine_run(self._e)
+
+    def hold(self) -> None:
+        lib.vd_engine_hold(self._e)
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until held with nothing in flight (True) or the timeout passed (False)."""
+        ms = -1 if timeout is None else max(0, int(timeout * 1000))
+        return bool(lib.vd_engine_wait_idle(self._e, ms) == 0)
+
+    async def quiesce(self) -> None:
+        """Hold, and wait (off the event loop) until every request in flight finished."""
+        self.hold()
+        await asyncio.get_running_loop().run_in_executor(None, self.wait_idle)
+
+    def set_memory(self, mem: NativeMemory) -> None:
+        """A new memory table; only while quiesced.  Raises GuestError if the rings left it."""
+        rc = lib.vd_engine_set_mem(self._e, mem.cdata)
+        if rc:
+            raise ring_error(rc, queue=self.index)
+        self._mem = mem
+
+    def set_call(self, fd: int | None) -> None:
+        lib.vd_engine_set_call(self._e, _dup(fd))
+
+    def set_kick(self, fd: int | None) -> None:
+        lib.vd_engine_set_kick(self._e, _dup(fd))
+
+    def set_poll(self, poll_us: int) -> None:
+        self.poll_us = poll_us
+        lib.vd_engine_set_poll(self._e, poll_us)
+
+    def stop(self) -> tuple[int, int]:
+        """Finish every request in flight and end the worker: (next_avail, next_used)."""
+        used = ffi.new("uint16_t *")
+        avail = lib.vd_engine_stop(self._e, used)
+        self.stopped = True
+        return int(avail), int(used[0])
+
+    def close(self) -> None:
+        if self._e is not None:
+            lib.vd_engine_free(self._e)
+            self._e = None
+            self._mem = None
+
+    def stats(self) -> dict[str, Any]:
+        out = ffi.new("struct vd_engine_stats *")
+        lib.vd_engine_stats(self._e, out)
+        d: dict[str, Any] = {name: int(getattr(out, name)) for name in ENGINE_COUNTERS}
+        d["by_type"] = [int(x) for x in out.by_type]
+        d["broken"] = int(out.broken)
+        return d
+
+    def histogram(self) -> LatencyHistogram:
+        out = ffi.new("struct vd_hist *")
+        lib.vd_engine_hist(self._e, out)
+        return LatencyHistogram.from_cdata(out)
