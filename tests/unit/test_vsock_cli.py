@@ -181,7 +181,10 @@ async def test_two_daemons_in_one_group_carry_data_between_their_guests(short_di
         # A third device claiming CID 3 in the group: one line, exit 1.
         c = Daemon(short_dir, "c", "--guest-cid", "3", "--uds-path", os.path.join(short_dir, "c.sock"),
                    "--group", "lab", env=env).start(wait=False)
-        assert c.proc is not None and c.proc.wait(15) == 1
+        try:
+            assert c.proc is not None and c.proc.wait(15) == 1
+        finally:
+            c.stop()
         assert "CID 3 is already held" in c.log() and c.log().count("error:") == 1, c.log()
     finally:
         assert a.stop() == 0, a.log()
@@ -249,28 +252,30 @@ async def test_out_of_file_descriptors_the_daemon_backs_off_and_recovers(short_d
     uds, ctl = os.path.join(short_dir, "v.sock"), os.path.join(short_dir, "ctl")
     d = Daemon(short_dir, "d", "--guest-cid", "3", "--uds-path", uds, "--control", ctl, nofile=64).start()
     assert d.proc is not None
-    flood = []
     try:
-        for _ in range(100):               # more than the daemon can accept: they wait in the backlog
-            flood.append(await asyncio.open_unix_connection(uds))
-        await asyncio.sleep(0.3)
-        before = _cpu_seconds(d.proc.pid)
-        await asyncio.sleep(1.0)
-        # Not spinning on a listener it cannot accept from (that would be ~1 s of CPU).
-        assert _cpu_seconds(d.proc.pid) - before < 0.5
+        flood = []
+        try:
+            for _ in range(100):           # more than the daemon can accept: they wait in the backlog
+                flood.append(await asyncio.open_unix_connection(uds))
+            await asyncio.sleep(0.3)
+            before = _cpu_seconds(d.proc.pid)
+            await asyncio.sleep(1.0)
+            # Not spinning on a listener it cannot accept from (that would be ~1 s of CPU).
+            assert _cpu_seconds(d.proc.pid) - before < 0.5
+        finally:
+            for _r, w in flood:
+                w.close()
+        await asyncio.sleep(0.5)
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "vdev", "ctl", ctl, "info",
+                                                    stdout=subprocess.PIPE)
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+        info = json.loads(out)
+        assert info["errors"]["accept_failed"] >= 1, info
+        # It serves again: a host program gets through to the handshake.
+        reader, writer = await asyncio.open_unix_connection(uds)
+        writer.write(b"HELLO\n")
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
     finally:
-        for _r, w in flood:
-            w.close()
-    await asyncio.sleep(0.5)
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "vdev", "ctl", ctl, "info",
-                                                stdout=subprocess.PIPE)
-    out, _ = await asyncio.wait_for(proc.communicate(), 30)
-    info = json.loads(out)
-    assert info["errors"]["accept_failed"] >= 1, info
-    # It serves again: a host program gets through to the handshake.
-    reader, writer = await asyncio.open_unix_connection(uds)
-    writer.write(b"HELLO\n")
-    assert await asyncio.wait_for(reader.read(), 10) == b""
-    writer.close()
-    assert d.stop() == 0, d.log()
+        assert d.stop() == 0, d.log()
     assert "cannot accept" in d.log()
