@@ -4,7 +4,11 @@ Each test starts `vdev vsock` as its own process, boots a TCG guest with
 ``-device vhost-user-vsock-pci`` and runs socat in it (VSOCK-LISTEN,
 VSOCK-CONNECT); the host side is the hybrid-vsock convention a user's
 program follows (``CONNECT <port>`` on ``--uds-path``, a listener on
-``<uds-path>_<port>``).  One boot covers several checks.
+``<uds-path>_<port>``).  One boot covers several checks: the guest's CID,
+16 MiB each way, 32 connections open at once, and a guest that unbinds and
+rebinds its vsock driver (a reboot, as the device sees it) while a host
+connection is open.  Two guests under two daemons of one group make the
+second test.
 
 Not here: "the guest's connections are reset when the daemon restarts and
 the VMM reconnects".  QEMU 7.2 cannot reconnect a vhost-user-vsock back
