@@ -43,13 +43,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from backends.vsock.device import VsockDevice
-from backends.vsock.packet import Shutdown
-from backends.vsock.testing import vsock_pair
-from vdev import __version__ as VDEV_VERSION
-from vdev.testing.guest import build_guest_image, run_in_guest
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+# Run as a script, this directory is sys.path[0], and its backends.py (the blk
+# benchmarks' helpers) would hide the `backends` package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
-ROOT = Path(__file__).resolve().parent.parent
+from backends.vsock.device import VsockDevice  # noqa: E402
+from backends.vsock.packet import Shutdown  # noqa: E402
+from backends.vsock.testing import vsock_pair  # noqa: E402
+from vdev import __version__ as VDEV_VERSION  # noqa: E402
+from vdev.testing.guest import build_guest_image, run_in_guest  # noqa: E402
 
 MiB = 1 << 20
 CHUNK = 256 * 1024
