@@ -14,7 +14,9 @@ The pieces, from the wire up:
 * `muxer` — every connection of one guest and their host sockets, the
   hybrid handshake, round-robin service, per-cause error counters;
 * `group` — the rendezvous that lets several daemons form a group;
-* `device` — the virtio device: descriptor chains in and out of the muxer.
+* `device` — the virtio device: descriptor chains in and out of the muxer;
+* `testing` — a guest-side vsock stack over `vdev.testing.VirtioFrontend`,
+  for tests and the in-process benchmark.
 """
 
 from __future__ import annotations
