@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PACKAGES=(qemu-system-x86 qemu-utils busybox-static fio socat iperf3 cpio nbdkit
-          python3 python3-venv python3-dev gcc libffi-dev liburing-dev xz-utils)
+          python3 python3-venv python3-dev gcc libc6-dev libffi-dev liburing-dev xz-utils)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
