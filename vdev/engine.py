@@ -33,6 +33,7 @@ from ._native import ffi, lib
 from .errors import VdevError
 from .histogram import LatencyHistogram
 from .native import NativeMemory, ring_error
+from .tracking import DirtyLog, InflightRegion
 
 __all__ = ["NativeEngine", "RingSpec", "ENGINE_COUNTERS"]
 
@@ -70,6 +71,8 @@ class NativeEngine:
         self._e: Any = cdata
         self.poll_us = poll_us
         self._mem: NativeMemory | None = None
+        self._log: DirtyLog | None = None
+        self._region: InflightRegion | None = None
         self.index = -1
         self.started = False
         self.stopped = False
@@ -124,6 +127,22 @@ class NativeEngine:
 
     def set_kick(self, fd: int | None) -> None:
         lib.vd_engine_set_kick(self._e, _dup(fd))
+
+    def set_log(self, log: DirtyLog | None, log_used: bool, log_used_gpa: int) -> None:
+        """Log dirty pages into ``log`` (None: stop); only while held and idle (or not yet run)."""
+        rc = lib.vd_engine_set_log(self._e, ffi.NULL if log is None else log.cdata, log_used, log_used_gpa)
+        if rc:
+            raise MemoryError(f"queue {self.index}: cannot allocate the dirty-log bookkeeping")
+        self._log = log
+
+    def set_inflight(self, region: InflightRegion) -> int:
+        """Track requests in flight in ``region`` (before the first run); returns how many
+        requests of a previous back end will be taken again."""
+        n = lib.vd_engine_set_inflight(self._e, region.cdata)
+        if n < 0:
+            raise MemoryError(f"queue {self.index}: cannot allocate the resubmit list")
+        self._region = region
+        return int(n)
 
     def set_poll(self, poll_us: int) -> None:
         self.poll_us = poll_us

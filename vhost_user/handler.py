@@ -45,6 +45,7 @@ from .messages import (
     FrontendReq,
     HeaderFlag,
     InflightDescription,
+    LogDescription,
     MemoryRegion,
     MemoryTable,
     ProtocolFeature,
@@ -156,6 +157,23 @@ class BackendHooks(abc.ABC):
     def reset(self) -> None:
         """RESET_DEVICE or a disconnect: return to the initial state."""
 
+    def get_inflight(self, num_queues: int, queue_size: int) -> tuple[int, int]:
+        """GET_INFLIGHT_FD: make a zeroed in-flight area; return (an fd to send, its size)."""
+        raise Unsupported("GET_INFLIGHT_FD", "this device does not track requests in flight")
+
+    def set_inflight(self, fd: int, desc: InflightDescription) -> None:
+        """SET_INFLIGHT_FD: use the front-end's area (the hook owns ``fd`` once it returns;
+        if it raises, the handler closes it)."""
+        raise Unsupported("SET_INFLIGHT_FD", "this device does not track requests in flight")
+
+    def set_log_base(self, fd: int, desc: LogDescription) -> None:
+        """SET_LOG_BASE: the dirty log to set bits in (the hook owns ``fd`` once it returns;
+        if it raises, the handler closes it)."""
+        raise Unsupported("SET_LOG_BASE", "this device does not log dirty pages")
+
+    def set_vring_log(self, index: int) -> None:
+        """A started ring's VHOST_VRING_F_LOG or log address changed (see its ``addr``)."""
+
     async def drain(self, index: int | None) -> None:
         """Make ring ``index`` (None: every ring) quiet before a request that needs it:
         nothing in flight, nothing taken until `resume`.  The server awaits it
@@ -250,9 +268,18 @@ class BackendHandler:
             level = logging.INFO if isinstance(error, Unsupported) else logging.WARNING
             log.log(level, "request %s failed: %s", name, error)
         if spec is not None and spec.reply is not None:
+            fds: tuple[int, ...] = ()
+            if error is None and isinstance(result, tuple):
+                result, fds = result          # a reply that carries fds (GET_INFLIGHT_FD)
             payload = result if error is None else self._failure_reply(msg)
             assert payload is not None
-            return Reply(encode(msg.request, payload.pack(), flags=HeaderFlag.REPLY))
+            return Reply(encode(msg.request, payload.pack(), flags=HeaderFlag.REPLY), fds)
+        if (msg.request is FrontendReq.SET_LOG_BASE
+                and self.state.acked_protocol & ProtocolFeature.LOG_SHMFD):
+            # QEMU waits for a reply to SET_LOG_BASE with LOG_SHMFD (it is not in
+            # the spec's reply column): a u64, 0 once the log is mapped.
+            return Reply(encode(msg.request, U64(0 if error is None else 1).pack(),
+                                flags=HeaderFlag.REPLY))
         if msg.need_reply:
             if self.state.acked_protocol & ProtocolFeature.REPLY_ACK:
                 return Reply(encode(msg.request, U64(0 if error is None else 1).pack(),
@@ -439,10 +466,17 @@ class BackendHandler:
         assert isinstance(msg.payload, VringAddr)
         vring = self._vring(msg.payload.index, msg.request)
         if vring.started:
-            # QEMU re-sends the address to toggle used-ring logging during migration;
-            # we do not offer LOG_ALL, so a running ring keeps the addresses it has.
-            raise ProtocolError("SET_VRING_ADDR on a started ring", request=msg.request.name,
-                                value=vring.index)
+            # QEMU re-sends the address of a running ring to turn used-ring
+            # logging on or off during migration (VHOST_VRING_F_LOG): only the
+            # flags and the log address may change then.
+            old, new = vring.addr, msg.payload
+            assert old is not None
+            if (old.desc, old.avail, old.used) != (new.desc, new.avail, new.used):
+                raise ProtocolError("SET_VRING_ADDR moves a started ring", request=msg.request.name,
+                                    value=vring.index)
+            vring.addr = new
+            self.hooks.set_vring_log(vring.index)
+            return
         vring.addr = msg.payload
 
     def _on_set_vring_base(self, msg: Message) -> None:
@@ -545,6 +579,49 @@ class BackendHandler:
             self.hooks.set_vring_enabled(vring.index, enabled)
 
     # -- config, status, channel, reset ----------------------------------------
+
+    # -- migration and reconnection -----------------------------------------------
+
+    def _on_set_log_base(self, msg: Message) -> None:
+        assert isinstance(msg.payload, LogDescription)
+        if len(msg.fds) != 1:
+            close_fds(msg.fds)
+            raise Unsupported(msg.request.name, "a log base without an fd (no LOG_SHMFD) is not "
+                                                "supported: the back end cannot reach QEMU's memory")
+        try:
+            self.hooks.set_log_base(msg.fds[0], msg.payload)
+        except BaseException:
+            close_fds(msg.fds)      # the hook owns the fd only once it succeeded
+            raise
+
+    def _on_set_log_fd(self, msg: Message) -> None:
+        # An eventfd to signal after logging; QEMU reads the log when it syncs
+        # anyway, so we do not use it.
+        close_fds(msg.fds)
+        if not self.offered_protocol_features & ProtocolFeature.LOG_SHMFD:
+            raise Unsupported(msg.request.name, "this back end does not log dirty pages")
+
+    def _on_get_inflight_fd(self, msg: Message) -> tuple[InflightDescription, tuple[int, ...]]:
+        assert isinstance(msg.payload, InflightDescription)
+        d = msg.payload
+        if not 1 <= d.num_queues <= len(self.vrings) or not 1 <= d.queue_size <= MAX_SPLIT_QUEUE_SIZE:
+            raise ProtocolError("GET_INFLIGHT_FD for an impossible queue layout",
+                                request=msg.request.name, value=(d.num_queues, d.queue_size))
+        fd, size = self.hooks.get_inflight(d.num_queues, d.queue_size)
+        return InflightDescription(size, 0, d.num_queues, d.queue_size), (fd,)
+
+    def _on_set_inflight_fd(self, msg: Message) -> None:
+        assert isinstance(msg.payload, InflightDescription)
+        d = msg.payload
+        if not 1 <= d.num_queues <= len(self.vrings) or not 1 <= d.queue_size <= MAX_SPLIT_QUEUE_SIZE:
+            close_fds(msg.fds)
+            raise ProtocolError("SET_INFLIGHT_FD for an impossible queue layout",
+                                request=msg.request.name, value=(d.num_queues, d.queue_size))
+        try:
+            self.hooks.set_inflight(msg.fds[0], d)
+        except BaseException:
+            close_fds(msg.fds)      # the hook owns the fd only once it succeeded
+            raise
 
     def _on_get_config(self, msg: Message) -> ConfigSpace:
         assert isinstance(msg.payload, ConfigSpace)

@@ -248,6 +248,7 @@ class BlkDevice(Device):
 
     device_id = DeviceId.BLOCK
     name = "blk"
+    supports_inflight = True
     #: The data path when none is given (the test suite runs every blk test on each).
     default_dataplane = "auto"
 
