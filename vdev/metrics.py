@@ -46,18 +46,21 @@ steps: from a native engine on a RAM disk to a slow network disk.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import ipaddress
 import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ._native import ffi, lib
+from .control import quote
 from .engine import ENGINE_COUNTERS, EngineClosed, NativeEngine
+from .errors import VdevError
 from .histogram import STANDARD_PERCENTILES, LatencyHistogram, bucket_bounds
 
 if TYPE_CHECKING:
@@ -66,7 +69,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("vdev.metrics")
 
 __all__ = ["LATENCY_BUCKETS", "DeviceCollector", "LatencyWindow", "MetricsServer", "QueueAccounts",
-           "QueueSnapshot", "QueueStats", "latency_table", "parse_hostport", "prometheus_buckets"]
+           "QueueSnapshot", "QueueStats", "latency_handler", "latency_table", "parse_hostport",
+           "prometheus_buckets"]
 
 #: Counters that only grow (every engine counter but the in-flight gauge).
 MONOTONIC = tuple(n for n in ENGINE_COUNTERS if n != "inflight")
@@ -224,6 +228,7 @@ class LatencyWindow:
 
     def __init__(self, device: Device) -> None:
         self.device = device
+        self._lock = threading.Lock()     # reports run in worker threads, possibly two at once
         self.base: dict[int, QueueSnapshot] = {}
         self.since_unix = time.time()
         self.since_mono = time.monotonic()
@@ -231,7 +236,11 @@ class LatencyWindow:
 
     def report(self, *, reset: bool = False) -> dict[str, Any]:
         """The window up to now; with ``reset`` a new window starts right after it,
-        so no request falls between a report and the reset."""
+        so no request falls between a report and the reset.  Safe from any thread."""
+        with self._lock:
+            return self._report(reset)
+
+    def _report(self, reset: bool) -> dict[str, Any]:
         snaps = self.device.queue_snapshots()
         now_mono, now_unix = time.monotonic(), time.time()
         queues = []
@@ -254,6 +263,27 @@ class LatencyWindow:
             self.base = snaps
             self.since_unix, self.since_mono, self.since = now_unix, now_mono, "reset"
         return reply
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def latency_handler(device: Device) -> Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]:
+    """The ``latency`` control command of ``device`` (request field ``reset``: bool)."""
+    window = LatencyWindow(device)
+
+    async def latency(request: dict[str, Any]) -> dict[str, Any]:
+        reset = request.get("reset", False)
+        if isinstance(reset, str) and reset.lower() in _TRUE + _FALSE:
+            reset = reset.lower() in _TRUE
+        if not isinstance(reset, bool):
+            raise ValueError(f"latency: 'reset' must be true or false, got {quote(reset)}")  # noqa: TRY004
+        # Copying every queue's histogram takes a few hundred µs per queue:
+        # off the event loop, which may be serving the Python data path.
+        return await asyncio.to_thread(window.report, reset=reset)
+
+    return latency
 
 
 def latency_table(reply: Mapping[str, Any]) -> str:
@@ -447,7 +477,7 @@ class MetricsServer:
             self._server, self._thread = start_http_server(self.port, addr=self.host, registry=registry)
         except OSError as exc:
             reason = exc.strerror or str(exc)
-            raise OSError(exc.errno, f"--metrics {self.address}: cannot listen: {reason}") from None
+            raise VdevError(f"--metrics {self.address}: cannot listen: {reason}") from None
         self.port = self._server.server_address[1]
         log.info("metrics on http://%s/metrics", self.address)
 
