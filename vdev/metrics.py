@@ -68,9 +68,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vdev.metrics")
 
-__all__ = ["LATENCY_BUCKETS", "DeviceCollector", "LatencyWindow", "MetricsServer", "QueueAccounts",
-           "QueueSnapshot", "QueueStats", "latency_handler", "latency_table", "parse_hostport",
-           "prometheus_buckets"]
+__all__ = ["LATENCY_BUCKETS", "DeviceCollector", "LatencyWindow", "MetricsServer", "MonotonicSnapshots",
+           "QueueAccounts", "QueueSnapshot", "QueueStats", "latency_handler", "latency_table",
+           "parse_hostport", "prometheus_buckets"]
 
 #: Counters that only grow (every engine counter but the in-flight gauge).
 MONOTONIC = tuple(n for n in ENGINE_COUNTERS if n != "inflight")
@@ -192,6 +192,32 @@ class QueueAccounts:
         return dict(sorted(out.items()))
 
 
+class MonotonicSnapshots:
+    """`Device.queue_snapshots`, never below what an earlier call returned.
+
+    While a queue's engine retires (GET_VRING_BASE, a reconnect, a path
+    change) its totals have left the live engines and not yet reached the
+    retired ones; a reader on another thread may see the queue's counters
+    dip for that moment.  This reports each queue as at least what it
+    reported before, so Prometheus sees no counter reset and a latency
+    baseline never lies below the truth.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[int, QueueSnapshot] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, device: Device) -> dict[int, QueueSnapshot]:
+        with self._lock:
+            snaps = device.queue_snapshots()
+            for index, snap in snaps.items():
+                last = self._last.get(index)
+                if last is not None:
+                    snaps[index] = snap.at_least(last)
+            self._last = dict(snaps)
+            return snaps
+
+
 # ---- latency since start or since a reset ------------------------------------------------
 
 
@@ -229,6 +255,7 @@ class LatencyWindow:
     def __init__(self, device: Device) -> None:
         self.device = device
         self._lock = threading.Lock()     # reports run in worker threads, possibly two at once
+        self._snapshots = MonotonicSnapshots()
         self.base: dict[int, QueueSnapshot] = {}
         self.since_unix = time.time()
         self.since_mono = time.monotonic()
@@ -241,7 +268,7 @@ class LatencyWindow:
             return self._report(reset)
 
     def _report(self, reset: bool) -> dict[str, Any]:
-        snaps = self.device.queue_snapshots()
+        snaps = self._snapshots(self.device)
         now_mono, now_unix = time.monotonic(), time.time()
         queues = []
         merged = LatencyHistogram.empty()
@@ -332,16 +359,14 @@ def _float_text(x: float) -> str:
 class DeviceCollector:
     """A prometheus_client collector over `Device.queue_snapshots`, read at scrape time.
 
-    A queue's counters are momentarily lower while its engine retires (the
-    engine has left the live set, its totals not yet reached the retired
-    ones); each series is therefore reported as at least what the previous
-    scrape saw, so Prometheus never sees a counter reset that did not happen.
+    Each queue is reported as at least what the previous scrape saw
+    (`MonotonicSnapshots`), so Prometheus never sees a counter reset that
+    did not happen.
     """
 
     def __init__(self, device: Device | None = None) -> None:
         self.device = device
-        self._last: dict[int, QueueSnapshot] = {}
-        self._lock = threading.Lock()    # scrapes may run in parallel threads
+        self._snapshots = MonotonicSnapshots()
 
     def describe(self) -> list[Any]:
         return []      # no collect() at registration time
@@ -362,13 +387,7 @@ class DeviceCollector:
         info = GaugeMetricFamily("vdev_info", "vdev daemon: the device it serves", labels=["device", "version"])
         info.add_metric([device.name, __version__], 1)
         yield info
-        with self._lock:
-            snaps = device.queue_snapshots()
-            for index, snap in snaps.items():
-                last = self._last.get(index)
-                if last is not None:
-                    snaps[index] = snap.at_least(last)
-            self._last = dict(snaps)
+        snaps = self._snapshots(device)
         types = tuple(device.request_types)
         p = f"vdev_{name}"
         requests = CounterMetricFamily(f"{p}_requests", "Requests completed, by request type",

@@ -33,7 +33,13 @@ from vdev._native import ffi, lib
 from vdev.bench.driver import BlkSession, Job, RunResult
 from vdev.control import control_request
 from vdev.histogram import LatencyHistogram
-from vdev.metrics import LATENCY_BUCKETS, parse_hostport, prometheus_buckets
+from vdev.metrics import (
+    LATENCY_BUCKETS,
+    MonotonicSnapshots,
+    QueueSnapshot,
+    parse_hostport,
+    prometheus_buckets,
+)
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -241,3 +247,31 @@ def test_prometheus_buckets_from_the_log_linear_histogram() -> None:
                 "0.0001": 5, "0.00025": 5, "0.0005": 5, "0.001": 5, "0.0025": 6, "0.005": 6,
                 "0.01": 6, "0.025": 6, "0.05": 6, "0.1": 6, "0.25": 6, "0.5": 6, "1.0": 7, "+Inf": 8}
     assert got == list(expected.items())
+
+
+def test_a_retiring_engine_never_makes_a_counter_go_back() -> None:
+    """While an engine retires its totals are briefly in neither the live nor the
+    retired set; readers on other threads must not report that dip."""
+    h = ffi.new("struct vd_hist *")
+    lib.vd_hist_init(h)
+    for v in (1_000, 2_000, 3_000):
+        lib.vd_hist_record(h, v)
+    full = QueueSnapshot({**QueueSnapshot.empty().counters, "requests": 3, "kicks": 2, "inflight": 1},
+                         (3,) + (0,) * 7, LatencyHistogram.snapshot(h))
+    dip = QueueSnapshot.empty()
+    later = QueueSnapshot({**full.counters, "requests": 4, "inflight": 0}, (4,) + (0,) * 7, full.latency)
+
+    class Device:
+        def __init__(self) -> None:
+            self.seq = [{0: full}, {0: dip}, {0: later}]
+
+        def queue_snapshots(self) -> dict[int, QueueSnapshot]:
+            return self.seq.pop(0)
+
+    read = MonotonicSnapshots()
+    dev = Device()
+    first, during, after = read(dev), read(dev), read(dev)   # type: ignore[arg-type]
+    assert first[0] == full
+    assert during[0].counters["requests"] == 3 and during[0].by_type[0] == 3
+    assert during[0].latency == full.latency and during[0].counters["inflight"] == 0   # a gauge: as is
+    assert after[0].counters["requests"] == 4 and after[0].counters["kicks"] == 2
