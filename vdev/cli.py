@@ -9,7 +9,9 @@ ends the program with one line naming it, before any socket exists.
 Options every device gets, after the spec's "Backend program conventions":
 ``--socket PATH`` (alias ``--socket-path``), ``--fd N`` (an inherited
 listening socket), ``--client`` (connect to a VMM that listens),
-``--print-capabilities`` and ``--log-level``.
+``--print-capabilities`` and ``--log-level``; and ``--metrics HOST:PORT``, a
+Prometheus endpoint (`vdev.metrics`), bound before the device is created so
+that a port in use ends the program before any vhost-user socket exists.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ class ServeOptions:
     socket: str | None
     fd: int | None
     client: bool
+    #: ``--metrics``: (host, port) of the Prometheus endpoint, or None (off).
+    metrics: tuple[str, int] | None = None
 
 
 class DeviceCommand(abc.ABC):
@@ -108,6 +112,14 @@ def build_parser(commands: dict[str, DeviceCommand]) -> argparse.ArgumentParser:
     ctl.add_argument("control", metavar="PATH", help="the daemon's --control socket")
     ctl.add_argument("command", help="command name (blk: info, swap, resize)")
     ctl.add_argument("params", nargs="*", metavar="KEY=VALUE", help="command parameters")
+    ctl.add_argument("--reset", action="store_true",
+                     help="latency: report, then start a new window (the request field reset=true)")
+    shape = ctl.add_mutually_exclusive_group()
+    shape.add_argument("--table", action="store_true",
+                       help="print a table for commands that have one (latency); the default "
+                            "when stdout is a terminal")
+    shape.add_argument("--json", action="store_true",
+                       help="print the JSON reply; the default when stdout is not a terminal")
     from .bench.cli import add_arguments as add_bench_arguments
     bench = sub.add_parser("bench", description="Benchmarks that drive a back end the way a guest does.")
     bench.error = _Parser.error.__get__(bench)  # type: ignore[method-assign]
@@ -127,6 +139,9 @@ def build_parser(commands: dict[str, DeviceCommand]) -> argparse.ArgumentParser:
                             help="print the back end's capabilities as JSON and exit")
         common.add_argument("--log-level", default="info",
                             choices=["debug", "info", "warning", "error"], help="log verbosity")
+        common.add_argument("--metrics", metavar="HOST:PORT",
+                            help="serve Prometheus metrics at http://HOST:PORT/metrics (per-queue "
+                                 "requests, bytes, kicks, calls, latency histograms; off by default)")
         cmd.add_arguments(p)
     return parser
 
@@ -142,7 +157,11 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
             raise ValueError(f"--socket: directory {parent!r} does not exist")
     if args.fd is not None and args.fd < 0:
         raise ValueError(f"--fd: not a file descriptor: {args.fd}")
-    return ServeOptions(args.socket, args.fd, args.client)
+    metrics = None
+    if args.metrics is not None:
+        from .metrics import parse_hostport
+        metrics = parse_hostport(args.metrics)
+    return ServeOptions(args.socket, args.fd, args.client, metrics)
 
 
 async def _run(cmd: DeviceCommand, config: Any, where: ServeOptions) -> None:
@@ -151,12 +170,22 @@ async def _run(cmd: DeviceCommand, config: Any, where: ServeOptions) -> None:
     assert task is not None
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, task.cancel)
+    metrics = None
     try:
+        if where.metrics is not None:
+            from .metrics import MetricsServer
+            # Bound first: a port in use ends vdev before storage opens or a socket exists.
+            metrics = MetricsServer(*where.metrics)
+            metrics.start()
         device = await cmd.create(config)
+        if metrics is not None:
+            metrics.attach(device)
         with contextlib.suppress(asyncio.CancelledError):
             await cmd.serve(device, config, where)
         log.info("%s: stopped", cmd.name)
     finally:
+        if metrics is not None:
+            await asyncio.to_thread(metrics.close)
         # Otherwise the signals stay bound to a closed loop and are swallowed
         # for the rest of the process (a caller of main() could not be killed).
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -173,13 +202,32 @@ def _ctl(args: argparse.Namespace) -> int:
             print(f"vdev ctl: error: parameter {param!r} is not KEY=VALUE", file=sys.stderr)
             return 2
         request[key] = value
+    if args.reset:
+        if args.command != "latency":
+            print(f"vdev ctl: error: --reset applies to the latency command, not {args.command!r}",
+                  file=sys.stderr)
+            return 2
+        request["reset"] = True
     try:
         reply = asyncio.run(control_request(args.control, request))
     except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
         print(f"vdev ctl: error: {args.control}: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(reply, indent=2))
+    table = _CTL_TABLES.get(args.command)
+    if reply.get("ok") and table is not None and (args.table or (sys.stdout.isatty() and not args.json)):
+        print(table(reply))
+    else:
+        print(json.dumps(reply, indent=2))
     return 0 if reply.get("ok") else 1
+
+
+def _latency_table(reply: dict[str, Any]) -> str:
+    from .metrics import latency_table
+    return latency_table(reply)
+
+
+#: Commands whose reply `vdev ctl` can print as a table (on a terminal, or with --table).
+_CTL_TABLES = {"latency": _latency_table}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

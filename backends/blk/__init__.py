@@ -18,6 +18,7 @@ from vdev.cli import DeviceCommand, ServeOptions
 from vdev.config import parse_int, parse_queue_size
 from vdev.control import ControlServer
 from vdev.device import Device, serve
+from vdev.metrics import latency_handler
 
 from .device import DATAPLANES, ID_BYTES, BlkDevice
 from .storage import StorageSpec, open_storage, parse_storage_url
@@ -72,7 +73,8 @@ class BlkCommand(DeviceCommand):
                        help="largest queue size (power of 2, 4..32768, default 256)")
         g.add_argument("--serial", metavar="ID", help=f"GET_ID serial (up to {ID_BYTES} ASCII bytes)")
         g.add_argument("--control", metavar="PATH",
-                       help="JSON control socket: info, swap (live storage swap), resize, pause, resume")
+                       help="JSON control socket: info, latency, swap (live storage swap), resize, "
+                            "pause, resume")
         g.add_argument("--dataplane", default="auto", metavar="python|native",
                        help="who serves the queues: native (a C worker per queue; null:, mem: and "
                             "file: storage), python (the event loop; any storage), or auto "
@@ -170,4 +172,5 @@ def control_handlers(device: BlkDevice) -> dict[str, Any]:
         device.resume()
         return described()
 
-    return {"info": info, "swap": swap, "resize": resize, "pause": pause, "resume": resume}
+    return {"info": info, "swap": swap, "resize": resize, "pause": pause, "resume": resume,
+            "latency": latency_handler(device)}
