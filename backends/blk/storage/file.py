@@ -249,6 +249,36 @@ def _bounce_write(fd: int, start: int, span: int, skip: int, buffers: Sequence[m
             view.release()
 
 
+def _seek_extents(fd: int, offset: int, length: int) -> list[tuple[int, int, bool]]:
+    """Data and hole runs of ``[offset, offset+length)`` by SEEK_DATA/SEEK_HOLE
+    (lseek(2)); a file system that cannot tell says "all data"."""
+    end = offset + length
+    runs: list[tuple[int, int, bool]] = []
+    pos = offset
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:          # no data from pos to the end of the file
+                data = end
+            elif e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                return [(offset, length, True)]
+            else:
+                raise
+        data = min(data, end)
+        if data > pos:
+            runs.append((pos, data - pos, False))
+            pos = data
+            if pos >= end:
+                break
+        hole = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
+        if hole <= pos:     # a race with a write extending the file: call the rest data
+            hole = end
+        runs.append((pos, hole - pos, True))
+        pos = hole
+    return runs
+
+
 def _device_size(fd: int, is_block: bool) -> int:
     if is_block:
         try:
@@ -612,6 +642,14 @@ class FileStorage(Storage):
             k = min(step, length - pos)
             await self.writev(offset + pos, zero_chunks(k, chunk))
             pos += k
+
+    async def extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        self.check_range(offset, length, "extents")
+        if length == 0:
+            return []
+        if self.is_block_device:
+            return [(offset, length, True)]
+        return await self._run("extents", _seek_extents, self._fd, offset, length)
 
     # ---- closing ---------------------------------------------------------------------
 
