@@ -745,7 +745,9 @@ class BlkDevice(Device):
 
     def info(self) -> dict[str, object]:
         stats = Counter(self.stats)
-        inflight = sum(len(s) for s in self._inflight.values())
+        # Requests parked at the gate by a pause have not reached storage:
+        # they are not in flight.
+        inflight = sum(len(s) for s in self._inflight.values()) - len(self._parked)
         per_queue = []
         for index, engine in sorted(self._engines().items()):
             q = engine.stats()
@@ -754,6 +756,11 @@ class BlkDevice(Device):
             hist = engine.histogram()
             per_queue.append({"queue": index, **{k: v for k, v in q.items() if k != "by_type"},
                               "latency_us": hist.summary_us()})
+        # Held by a pause: what the guest has sent and waits for, minus what
+        # is still on storage (parked requests and those left in the rings).
+        held = 0
+        if self.paused and self.runtime is not None:
+            held = max(0, self.runtime.ring_backlog() - inflight)
         return {
             "backend": self.storage.url,
             "capacity": self.capacity,
@@ -764,6 +771,7 @@ class BlkDevice(Device):
             "poll_us": self.poll_us,
             "write_cache": "writeback" if self.wce else "writethrough",
             "inflight": inflight,
+            "held": held,
             "paused": self.paused,
             "stats": dict(stats),
             "queue_stats": per_queue,
