@@ -78,13 +78,20 @@ class BlkCommand(DeviceCommand):
     name = "blk"
     summary = "virtio-blk disk over swappable storage (vhost-user-blk)"
     capability_type = "block"
+    # vhost-user.json VHostUserBackendBlockFeature: --read-only and --blk-file work.
+    capability_features = ("read-only", "blk-file")
     qemu_example = QEMU_EXAMPLE
+
+    control_commands = CONTROL_COMMANDS
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         g = parser.add_argument_group("virtio-blk")
-        g.add_argument("--backend", required=True, metavar="URL",
+        g.add_argument("--backend", metavar="URL",
                        help="storage: file:PATH[?direct=on][&readonly=on], a bare path, mem:SIZE, "
                             "null:SIZE, nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH")
+        g.add_argument("--blk-file", metavar="PATH",
+                       help="an image file or block device (the spec's back-end convention; the "
+                            "same as --backend file:PATH)")
         g.add_argument("--read-only", action="store_true", help="offer a read-only disk (VIRTIO_BLK_F_RO)")
         g.add_argument("--queues", default=str(DEFAULT_QUEUES), metavar="N",
                        help=f"request queues offered (1..64, default {DEFAULT_QUEUES}; the VMM "
@@ -104,6 +111,13 @@ class BlkCommand(DeviceCommand):
                             "request before sleeping on the kick eventfd (default 0: never)")
 
     def configure(self, args: argparse.Namespace) -> BlkConfig:
+        if (args.backend is None) == (args.blk_file is None):
+            raise ValueError("give exactly one of --backend URL and --blk-file PATH")
+        if args.blk_file is not None:
+            if not args.blk_file or "?" in args.blk_file:
+                raise ValueError(f"--blk-file: {args.blk_file!r} is not a path (use --backend for "
+                                 "URL options)")
+            args.backend = f"file:{args.blk_file}"
         spec = parse_storage_url(args.backend)    # raises ValueError naming the bad part
         queues = parse_int(args.queues, "--queues", lo=1, hi=64)
         queue_size = parse_queue_size(args.queue_size)
