@@ -146,6 +146,20 @@ def test_setup_runs_the_launcher_and_readme_says_so() -> None:
     assert "](benchmarks/README.md)" in readme
 
 
+@pytest.mark.parametrize("args, needle", [
+    (["--image", "/nonexistent/disk.img"], "--image: no such image file '/nonexistent/disk.img'"),
+    (["--dir", "/nonexistent-dir"], "--dir: no such directory '/nonexistent-dir'"),
+    (["--size", "12Q"], "--size: cannot parse size '12Q'"),
+])
+def test_benchmark_names_a_missing_file_in_one_line(args: list[str], needle: str) -> None:
+    # benchmarks/ used to end with a bare "[Errno 2] No such file or directory".
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks/mirror_blk.py"), *args], capture_output=True,
+                       text=True, timeout=60, check=False)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], lines
+
+
 # ---- help texts --------------------------------------------------------------------------------
 
 def test_top_level_help_lists_devices_apart_from_tools(capsys: pytest.CaptureFixture[str]) -> None:
