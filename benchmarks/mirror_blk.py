@@ -51,7 +51,6 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from backends import PYTHON, Daemon  # noqa: E402
-
 from vdev.control import control_request  # noqa: E402
 from vdev.testing.guest import GuestImage, build_guest_image, run_in_guest  # noqa: E402
 

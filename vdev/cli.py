@@ -128,34 +128,34 @@ def build_parser(commands: dict[str, DeviceCommand], *,
     the devices list (no help= on their subparser) and are listed apart, in
     the epilog; ``tools_as_commands`` lists them as subcommands (for the
     completion generator, which skips unlisted ones)."""
-    tool_help = dict(TOOLS) if tools_as_commands else {}
+    tool_help = dict(TOOLS)
+
+    def tool(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        if tools_as_commands:
+            kwargs["help"] = tool_help[name]
+        p: argparse.ArgumentParser = sub.add_parser(name, **kwargs)
+        p.error = _Parser.error.__get__(p)  # type: ignore[method-assign]
+        return p
+
     parser = _Parser(prog="vdev", description="Standalone virtio device back ends over vhost-user.",
                      epilog="tools:\n" + "\n".join(f"  {name:<11} {text}" for name, text in TOOLS),
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"vdev {__version__}")
     sub = parser.add_subparsers(dest="device", metavar="DEVICE", title="devices")
-    ctl = sub.add_parser("ctl", **({"help": tool_help["ctl"]} if tool_help else {}),
-                         description="Send one JSON command to a daemon's control socket and print "
-                                     "the reply, e.g. `vdev ctl /tmp/blk.ctl swap backend=file:/b.img`.",
-                         epilog=_ctl_epilog(commands),
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    ctl.error = _Parser.error.__get__(ctl)  # type: ignore[method-assign]
+    ctl = tool("ctl", description="Send one JSON command to a daemon's control socket and print "
+                                  "the reply, e.g. `vdev ctl /tmp/blk.ctl swap backend=file:/b.img`.",
+               epilog=_ctl_epilog(commands), formatter_class=argparse.RawDescriptionHelpFormatter)
     ctl.add_argument("control", metavar="PATH", help="the daemon's --control socket")
     ctl.add_argument("command", help="command name (listed below)")
     ctl.add_argument("params", nargs="*", metavar="KEY=VALUE", help="command parameters")
     ctl.add_argument("--wait", action="store_true",
                      help="wait for the job the command starts; a progress bar on a terminal")
     from .bench.cli import add_arguments as add_bench_arguments
-    bench = sub.add_parser("bench", **({"help": tool_help["bench"]} if tool_help else {}),
-                           description="Benchmarks that drive a back end the way a guest does.")
-    bench.error = _Parser.error.__get__(bench)  # type: ignore[method-assign]
+    bench = tool("bench", description="Benchmarks that drive a back end the way a guest does.")
     add_bench_arguments(bench, _Parser.error)
-    completion = sub.add_parser("completion", **({"help": tool_help["completion"]} if tool_help else {}),
-                                description="Print a completion script for the shell, "
-                                "generated from this command line (devices, options, control "
-                                "commands). Install: vdev completion bash > "
-                                "/usr/local/share/bash-completion/completions/vdev")
-    completion.error = _Parser.error.__get__(completion)  # type: ignore[method-assign]
+    completion = tool("completion", description="Print a completion script for the shell, generated "
+                      "from this command line (devices, options, control commands). Install: vdev "
+                      "completion bash > /usr/local/share/bash-completion/completions/vdev")
     completion.add_argument("shell", choices=["bash"], help="the shell (bash)")
     for name, cmd in commands.items():
         epilog = ("QEMU example:\n" + textwrap.indent(cmd.qemu_example, "  ")) if cmd.qemu_example else None
@@ -231,7 +231,7 @@ def _ctl(args: argparse.Namespace, commands: dict[str, DeviceCommand]) -> int:
         return 2
     try:
         reply = asyncio.run(control_request(args.control, request))
-    except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError, ConnectionError) as exc:
         print(f"vdev ctl: error: {args.control}: {exc}", file=sys.stderr)
         return 1
     if not args.wait or not reply.get("ok"):
@@ -240,7 +240,7 @@ def _ctl(args: argparse.Namespace, commands: dict[str, DeviceCommand]) -> int:
     job = reply.get("job")
     if not isinstance(job, dict) or "id" not in job:
         print(json.dumps(reply, indent=2))
-        print(f"vdev ctl: error: --wait: the reply names no job", file=sys.stderr)
+        print("vdev ctl: error: --wait: the reply names no job", file=sys.stderr)
         return 1
     try:
         final = asyncio.run(_wait_job(args.control, job, sys.stderr.isatty()))
@@ -248,7 +248,7 @@ def _ctl(args: argparse.Namespace, commands: dict[str, DeviceCommand]) -> int:
         print(f"\nvdev ctl: stopped waiting; job {job['id']} goes on (stop it: vdev ctl {args.control} "
               "cancel)", file=sys.stderr)
         return 130
-    except (OSError, ConnectionError, asyncio.TimeoutError, ValueError) as exc:
+    except (TimeoutError, OSError, ConnectionError, ValueError) as exc:
         print(f"vdev ctl: error: while waiting for job {job['id']}: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(final, indent=2))

@@ -251,7 +251,7 @@ class ControlServer:
         try:
             params = getattr(handler, "params", None)
             if params is not None:
-                check_params(name, request, params)
+                check_params(str(name), request, params)
             result = await handler(request)
         except (ValueError, VdevError, OSError) as exc:
             log.warning("control %s failed: %s", name, quote(str(exc), 4 * MAX_QUOTE))

@@ -31,8 +31,8 @@ from backends.blk import CONTROL_COMMANDS, BlkCommand, control_handlers
 from backends.blk.device import BlkDevice
 from backends.blk.storage import open_storage
 from vdev.cli import build_parser, load_commands, main, progress_line
-from vdev.memory import RegionTable
 from vdev.errors import GuestError
+from vdev.memory import RegionTable
 from vdev.testing import Buffer, VirtioFrontend
 from vhost_user.frontend import Frontend
 
@@ -185,7 +185,7 @@ async def test_ctl_help_cannot_drift_from_the_handlers(tmp_path) -> None:
     handlers = control_handlers(device)
     assert set(handlers) == {c.name for c in CONTROL_COMMANDS}
     for c in CONTROL_COMMANDS:
-        assert getattr(handlers[c.name], "params") == c.params
+        assert handlers[c.name].params == c.params
     await device.aclose()
 
 
