@@ -53,10 +53,11 @@ import logging
 import mmap
 import os
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from vdev._native import ffi
 from vdev.control import JOB_FINAL_PHASES
 from vdev.errors import DeviceError
 
@@ -173,6 +174,38 @@ class _RateLimit:
     def refund(self, n: int) -> None:
         """Give back bytes taken for what turned out to need no copying."""
         self.tokens = min(self.rate * 0.1, self.tokens + n)
+
+
+#: Bitmap words scanned at once for any set bit (4 KiB).
+_SCAN_WORDS = 512
+_ZERO_SCAN = bytes(8 * _SCAN_WORDS)
+
+
+def _dirty_words(bitmap: DirtyBitmap) -> Iterator[int]:
+    """Indices of the words with a bit set, found without a call per word.
+
+    The scan reads the words without taking them, so a bit set just after
+    its word was looked at waits for the next pass; under the pivot's pause
+    nothing sets bits, so that scan misses none.  A 1 TiB disk at 64 KiB a
+    bit has 262144 words: skipping runs of zero words by 4 KiB comparisons
+    keeps a pass over a clean bitmap at a few milliseconds.
+    """
+    raw = ffi.buffer(bitmap.cdata, 8 * bitmap.words)
+    for first in range(0, bitmap.words, _SCAN_WORDS):
+        n = min(_SCAN_WORDS, bitmap.words - first)
+        chunk = raw[8 * first: 8 * (first + n)]
+        if chunk == _ZERO_SCAN[:8 * n]:
+            continue
+        words = memoryview(chunk).cast("Q")
+        for i in range(n):
+            if words[i]:
+                yield first + i
+
+
+def _dirty_bits(bitmap: DirtyBitmap) -> int:
+    """Set bits right now (a racy snapshot for progress and the pivot decision), in one
+    big-integer popcount rather than a Python loop over the words."""
+    return int.from_bytes(ffi.buffer(bitmap.cdata, 8 * bitmap.words), "little").bit_count()
 
 
 def _runs(bits: int) -> list[tuple[int, int]]:
@@ -352,7 +385,7 @@ class MirrorJob:
         stalled = 0
         while True:
             await self._pass(limited=True)
-            dirty = self.bitmap.count() * self.bitmap.granularity
+            dirty = _dirty_bits(self.bitmap) * self.bitmap.granularity
             if dirty <= self._threshold():
                 break
             if best is None or dirty < best:
@@ -429,7 +462,7 @@ class MirrorJob:
         moved = self.bytes_copied - self.bytes_zeroed
         copier = _Copier()
         try:
-            for word in range(bitmap.words):
+            for word in _dirty_words(bitmap):
                 bits = bitmap.take(word)          # before the read: see the module docstring
                 if not bits:
                     continue
@@ -548,7 +581,7 @@ class MirrorJob:
         """Bytes still to copy: dirty in the bitmap plus taken and not yet written."""
         if self.phase == "done":
             return 0
-        return min(self.size, self.bitmap.dirty_bytes + max(0, self._pending))
+        return min(self.size, _dirty_bits(self.bitmap) * self.bitmap.granularity + max(0, self._pending))
 
     @property
     def rate(self) -> int:

@@ -26,7 +26,8 @@ import pytest
 
 from backends.blk import control_handlers
 from backends.blk.device import BlkDevice
-from backends.blk.mirror import Jobs, _batches, _intersect, _runs, parse_mirror_params
+from backends.blk.dirty import DirtyBitmap
+from backends.blk.mirror import Jobs, _batches, _dirty_bits, _dirty_words, _intersect, _runs, parse_mirror_params
 from backends.blk.storage import FileStorage, Storage, open_storage
 from backends.blk.storage.testing import FaultyStorage, QemuNbdServer
 from vdev.control import ControlServer, control_request
@@ -143,6 +144,18 @@ def test_intersect_cuts_runs_along_extents() -> None:
     assert _intersect([(0, 20), (120, 180)], extents) == [(0, 20, True), (120, 30, False), (150, 30, True)]
     # past what the storage described: copied as data
     assert _intersect([(190, 260)], extents) == [(190, 10, True), (200, 60, True)]
+
+
+def test_dirty_words_and_bits_see_every_set_bit() -> None:
+    bitmap = DirtyBitmap(1 << 36, 64 * KiB)            # 2**20 bits, 16384 words
+    assert list(_dirty_words(bitmap)) == [] and _dirty_bits(bitmap) == 0
+    for block in (0, 63, 64, 511 * 64, 512 * 64 + 1, bitmap.nbits - 1):
+        bitmap.mark(block * 64 * KiB, 1)
+    assert list(_dirty_words(bitmap)) == [0, 1, 511, 512, bitmap.words - 1]
+    assert _dirty_bits(bitmap) == 6 == bitmap.count()
+    odd = DirtyBitmap(1000 * SECTOR, SECTOR)            # a last word only partly used
+    odd.mark_all()
+    assert list(_dirty_words(odd)) == list(range(odd.words)) and _dirty_bits(odd) == 1000
 
 
 def test_batches_cut_runs_to_a_size() -> None:
