@@ -294,7 +294,7 @@ class MirrorJob:
                 # clean-up did not either (nothing was tracked yet).
                 self.phase = "cancelled"
                 self.finished = time.monotonic()
-                await self._cleanup(False)
+                await self._cleanup()
                 self._done.set()
         await self.wait()
 
@@ -313,17 +313,15 @@ class MirrorJob:
 
     async def _run(self) -> None:
         device = self.device
-        tracking = False
         try:
             await device.track_dirty(self.bitmap)
-            tracking = True
             log.info("blk: mirror %d: copying %s (%d bytes) to %s, %d bytes per block%s", self.id,
                      self.source.url, self.size, self.target.url, self.bitmap.granularity,
                      f", at most {self.rate_limit} bytes/s" if self.rate_limit else "")
             await self._converge()
             if self.manual:
                 await self._stay_ready()
-            tracking = not await self._pivot()
+            await self._pivot()
             self.phase = "done"
             log.info("blk: mirror %d: done; the disk is on %s (guest I/O paused %.1f ms for the last "
                      "%d bytes)", self.id, self.target.url, self.pivot_pause_ms or 0.0,
@@ -341,14 +339,14 @@ class MirrorJob:
                         self.target.url, exc, self.source.url)
         finally:
             self.finished = time.monotonic()
-            await self._cleanup(tracking)
+            await self._cleanup()
             self._done.set()
 
-    async def _cleanup(self, tracking: bool) -> None:
+    async def _cleanup(self) -> None:
         # Shielded: a second cancel (daemon shutdown) must not leave the
         # bitmap installed in the engines or the target open.
         async def clean() -> None:
-            if tracking and self.device.dirty is self.bitmap:
+            if self.device.dirty is self.bitmap:
                 with contextlib.suppress(Exception):
                     await self.device.track_dirty(None)
             if self._files is not None:
@@ -409,15 +407,20 @@ class MirrorJob:
                     await self._pivot_requested.wait()
         await self._flush_target()
 
-    async def _pivot(self) -> bool:
-        """Switch the disk to the target; returns True once tracking has been removed."""
+    async def _pivot(self) -> None:
+        """Switch the disk to the target."""
         device = self.device
         self.phase = "pivoting"
         await self._pass(limited=False)        # what the last moments dirtied, while the guest runs
         started = time.monotonic()
-        await device.pause()                   # DeviceError if storage hangs: nothing changed
+        try:
+            await device.pause()               # DeviceError if storage hangs: nothing changed
+        except BaseException:
+            # A pause cut short (cancel) must not leave the guest's I/O held;
+            # a no-op if it never began or already let go (its timeout).
+            device.resume()
+            raise
         steps = self._steps = {"paused": time.monotonic()}
-        untracked = False
         try:
             before = self.bytes_copied
             await self._pass(limited=False)
@@ -428,7 +431,6 @@ class MirrorJob:
             # Nested in the pause's hold, so it takes no time; no write can complete now.
             await device.track_dirty(None)
             steps["untracked"] = time.monotonic()
-            untracked = True
             self._committing = True
         except BaseException:
             device.resume()
@@ -445,7 +447,6 @@ class MirrorJob:
         self._committing = False
         with contextlib.suppress(Exception):
             await asyncio.shield(old.aclose())
-        return untracked
 
     async def _flush_target(self) -> None:
         try:

@@ -618,3 +618,29 @@ async def test_file_target_that_fills_up_fails_the_job(tmp_path, small_tmpfs: st
         assert device.storage.url == f"file:{src_path}" and device.dirty is None
         assert await guest_view(vm) == bytes(model)
     assert sha(src_path) == hashlib.sha256(bytes(model)).hexdigest()
+
+
+async def test_cancel_while_the_pivot_waits_for_its_pause_lets_io_go(tmp_path) -> None:
+    # The pivot's pause waits for a write stuck on storage; a cancel then
+    # must not leave the guest's I/O held (pause cut short, resumed).
+    src = FaultyStorage(await open_storage("mem:8M"))
+    device = BlkDevice(src, dataplane="python")
+    async with device_pair(device) as vm:
+        jobs = Jobs(device)
+        job = await jobs.start(await open_storage("file:" + make_file(str(tmp_path / "d.img"))), manual=True)
+        await wait_phase(job, "ready")
+        src.pause("write")
+        stuck = asyncio.ensure_future(guest_write(vm, 0, b"s" * SECTOR))
+        async with asyncio.timeout(5):
+            while not src.in_flight and src.calls["write"] < 1:
+                await asyncio.sleep(0.002)
+        jobs.pivot()
+        await wait_phase(job, "pivoting")
+        await asyncio.sleep(0.05)                   # the pause is waiting for the stuck write
+        assert device.paused and job.phase == "pivoting"
+        await jobs.cancel()
+        assert job.phase == "cancelled" and not device.paused and device.storage is src
+        src.resume()
+        await asyncio.wait_for(stuck, 5)
+        await asyncio.wait_for(guest_write(vm, SECTOR, b"t" * SECTOR), 5)    # I/O flows again
+        assert await guest_read(vm, 0, 2 * SECTOR) == b"s" * SECTOR + b"t" * SECTOR
