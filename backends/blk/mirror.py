@@ -510,6 +510,8 @@ class MirrorJob:
             # The copy speed that sets the pivot threshold counts data only:
             # zeroing a hole costs next to nothing and would overstate it.
             self._busy_bytes += self.bytes_copied - self.bytes_zeroed - moved
+            log.debug("blk: mirror %d: pass %d copied %d bytes in %.3f s", self.id, self.passes,
+                      self.bytes_copied - self.bytes_zeroed - moved, time.monotonic() - started)
 
     async def _copy_chunk(self, offset: int, length: int) -> None:
         """Any storage to any storage, through their Python API."""
