@@ -77,6 +77,7 @@ class Run:
     clat_us: list[float] = field(default_factory=list)   # every write, completion order
     verify_ok: bool = False
     error: str | None = None
+    job: dict[str, object] | None = None  # vdev: the job as `jobs` reported it at the end
 
     def during(self) -> list[float]:
         if self.window is None:
@@ -176,7 +177,7 @@ async def run_vdev(image: GuestImage, src: Path, dst: Path, work: Path, args: ar
     run = Run("vdev")
     sock, ctl = work / "vdev.sock", work / "vdev.ctl"
     d = Daemon("vdev", [PYTHON, "-m", "vdev", "blk", "--socket", str(sock), "--backend", f"file:{src}",
-                        "--queues", "1", "--control", str(ctl), "--log-level", "warning"],
+                        "--queues", "1", "--control", str(ctl), "--log-level", args.vdev_log_level],
                str(sock), str(work / "vdev.log"))
     d.start()
     try:
@@ -198,9 +199,12 @@ async def run_vdev(image: GuestImage, src: Path, dst: Path, work: Path, args: ar
             if job["phase"] != "done":
                 raise RuntimeError(f"mirror {job['phase']}: {job.get('error')}")
             run.copy_s, run.pause_ms = job["elapsed"], job["pivot_pause_ms"]
+            run.job = job
             run.window = (start_writes, end_writes)
 
         await _guest_with(image, sock, mirror, run, args)
+        if run.error:
+            print(f"  vdev's log, last lines: {d.tail(20)}", file=sys.stderr)
     finally:
         d.stop()
     return run
@@ -327,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", help="where the images go (default /dev/shm, else the temp dir)")
     ap.add_argument("--image", type=Path, help="start the disk from this raw image (default: random data)")
     ap.add_argument("--sparse", action="store_true", help="start from an empty (sparse) disk instead")
+    ap.add_argument("--vdev-log-level", default="warning", choices=["debug", "info", "warning"],
+                    help="vdev blk's --log-level (debug: each copy pass and the pivot's steps); its "
+                         "last lines are printed when a run fails")
     args = ap.parse_args(argv)
     try:
         args.size = parse_size(args.size, "--size")
@@ -381,9 +388,11 @@ async def _main(args: argparse.Namespace, base: str) -> int:
                     run = Run(peer, error=f"{type(exc).__name__}: {exc}")
                 runs[peer].append(run)
                 during = run.during()
+                extra = (f", {run.job['passes']} passes, {run.job['pivot_bytes']} bytes in the pause"
+                         if run.job else "")
                 print(f"  round {rnd + 1} {peer:<4} copy {fmt(run.copy_s, '.2f')} s, "
                       f"{len(during)} writes during the mirror, worst {fmt(Run.worst(during))} µs, "
-                      f"verify {'ok' if run.verify_ok else 'FAILED'}"
+                      f"verify {'ok' if run.verify_ok else 'FAILED'}{extra}"
                       + (f"  ERROR: {run.error}" if run.error else ""), file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
