@@ -16,7 +16,7 @@ I/O, briefly.  The steps, after QEMU's ``blockdev-mirror`` (block/mirror.c):
    guest write that completes after the take marks its block again and it
    is copied again in the next pass; one that completed before the take is
    in what the read sees.  Runs the source knows to be holes
-   (`Storage.extents`: SEEK_HOLE on a sparse file) become write-zeroes on
+   (`Storage.extents`: SEEK_DATA on a sparse file) become write-zeroes on
    the target instead of reads.  Passes repeat until the dirty set is small
    enough to copy in `PIVOT_BUDGET` seconds, or stops shrinking
    (`STALL_PASSES` passes without a new low, or `MAX_PASSES` in all): then
@@ -752,7 +752,7 @@ class _CopyFailed(Exception):
 def _copy_file_runs(src: int, dst: int, runs: list[tuple[int, int]], buf: memoryview) -> tuple[int, int]:
     """Copy ``runs`` (byte ranges) from fd ``src`` to fd ``dst``, in a worker thread.
 
-    Holes of the source (SEEK_HOLE) are punched in the target; data goes by
+    Holes of the source (SEEK_DATA) are punched in the target; data goes by
     preadv/pwritev through ``buf`` (page-aligned, so O_DIRECT accepts it).
     (copy_file_range(2) was slower here: 0.6 against 1.0 GB/s into a new
     tmpfs file, whose pages it fills one at a time.)  Returns (data bytes,
