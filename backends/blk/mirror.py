@@ -84,6 +84,9 @@ MIN_GRANULARITY = 512
 MAX_GRANULARITY = 64 << 20
 #: Largest single read/write of a copy.
 MAX_CHUNK = 1 << 20
+#: Largest single read/write of a file-to-file copy (a worker thread's syscall:
+#: fewer of them means fewer hand-overs of the GIL between the workers).
+FILE_CHUNK = 4 << 20
 #: Chunks being copied at once.
 MAX_INFLIGHT = 8
 #: Worker threads of a file-to-file mirror.
@@ -258,6 +261,7 @@ class MirrorJob:
         self._done = asyncio.Event()
         self._buffers: list[mmap.mmap] = []
         self._free: list[memoryview] = []
+        self._free_files: list[memoryview] = []
         self._steps: dict[str, float] = {}
         self._files = _file_pair(self.source, target, granularity, self.size)
 
@@ -357,6 +361,7 @@ class MirrorJob:
                 with contextlib.suppress(Exception):
                     await self.target.aclose()
             self._free.clear()
+            self._free_files.clear()
             for mm in self._buffers:
                 with contextlib.suppress(BufferError):
                     mm.close()
@@ -544,7 +549,7 @@ class MirrorJob:
         """File to file: one worker call copies a bitmap word's runs (see `_copy_file_runs`)."""
         assert self._files is not None
         src_fd, dst_fd, executor = self._files
-        buf = self._free.pop() if self._free else self._buffer()
+        buf = self._free_files.pop() if self._free_files else self._buffer(FILE_CHUNK)
         fut = asyncio.get_running_loop().run_in_executor(executor, _copy_file_runs, src_fd, dst_fd,
                                                           runs, buf)
         try:
@@ -559,14 +564,14 @@ class MirrorJob:
             what = "reading the disk's storage" if exc.side == "read" else f"{exc.side} the target"
             raise MirrorError(f"{what} {url} at offset {exc.offset} failed", cause=exc.cause) from exc
         finally:
-            self._free.append(buf)
+            self._free_files.append(buf)
         if limiter is not None and zeroed:
             limiter.refund(zeroed)       # holes cost no copying
         self._copied(data, zeroed=False)
         self._copied(zeroed, zeroed=True)
 
-    def _buffer(self) -> memoryview:
-        mm = mmap.mmap(-1, MAX_CHUNK)       # page-aligned: O_DIRECT storage takes it as is
+    def _buffer(self, size: int = MAX_CHUNK) -> memoryview:
+        mm = mmap.mmap(-1, size)            # page-aligned: O_DIRECT storage takes it as is
         self._buffers.append(mm)
         return memoryview(mm)
 
