@@ -88,9 +88,9 @@ MAX_CHUNK = 1 << 20
 #: fewer of them means fewer hand-overs of the GIL between the workers).
 FILE_CHUNK = 4 << 20
 #: Chunks being copied at once.
-MAX_INFLIGHT = 8
+MAX_INFLIGHT = 12
 #: Worker threads of a file-to-file mirror.
-FILE_WORKERS = 4
+FILE_WORKERS = 6
 #: Pivot when the dirty set can be copied in about this long (seconds) ...
 PIVOT_BUDGET = 0.005
 #: ... or is at most this many blocks.
