@@ -54,7 +54,7 @@ from vhost_user.server import VhostUserServer
 
 from .engine import NativeEngine, RingSpec
 from .errors import GuestError, Unsupported
-from .memory import MemoryMap
+from .memory import MemoryMap, load_u16
 from .metrics import QueueAccounts, QueueSnapshot
 from .native import NativeMemory
 from .queue import Descriptor, DescriptorChain, Queue
@@ -654,6 +654,23 @@ class DeviceRuntime(BackendHooks):
     def release(self) -> None:
         self._holds = max(0, self._holds - 1)
         self.resume()
+
+    def ring_backlog(self) -> int:
+        """Requests the driver has made available and not yet seen used, over
+        every started ring (avail.idx - used.idx, read from guest memory):
+        those in flight plus those still waiting in the rings."""
+        total = 0
+        mem = self.mem
+        for vring in list(self.vrings.values()):
+            if vring.addr is None:
+                continue
+            try:
+                avail = mem.frontend_to_guest(vring.addr.avail, 4)
+                used = mem.frontend_to_guest(vring.addr.used, 4)
+                total += (load_u16(mem, avail + 2) - load_u16(mem, used + 2)) & 0xFFFF
+            except GuestError:
+                continue
+        return total
 
     def engine_stats(self) -> dict[int, dict[str, object]]:
         """Counters of every native engine, by queue index (read without stopping them)."""

@@ -764,7 +764,9 @@ class BlkDevice(Device):
 
     def info(self) -> dict[str, object]:
         stats = Counter(self.stats)
-        inflight = sum(len(s) for s in self._inflight.values())
+        # Requests parked at the gate by a pause have not reached storage:
+        # they are not in flight.
+        inflight = sum(len(s) for s in self._inflight.values()) - len(self._parked)
         for engine in self._engines().values():
             q = engine.stats()
             inflight += q["inflight"]
@@ -774,6 +776,11 @@ class BlkDevice(Device):
                       "by_type": dict(zip(NATIVE_STAT_NAMES, snap.by_type)),
                       "latency_us": snap.latency.summary_us()}
                      for index, snap in self.queue_snapshots().items()]
+        # Held by a pause: what the guest has sent and waits for, minus what
+        # is still on storage (parked requests and those left in the rings).
+        held = 0
+        if self.paused and self.runtime is not None:
+            held = max(0, self.runtime.ring_backlog() - inflight)
         return {
             "backend": self.storage.url,
             "capacity": self.capacity,
@@ -784,6 +791,7 @@ class BlkDevice(Device):
             "poll_us": self.poll_us,
             "write_cache": "writeback" if self.wce else "writethrough",
             "inflight": inflight,
+            "held": held,
             "paused": self.paused,
             "stats": dict(stats),
             "queue_stats": per_queue,
