@@ -219,8 +219,8 @@ async def run_qsd(image: GuestImage, src: Path, dst: Path, work: Path, args: arg
         raise SystemExit("qemu-storage-daemon not found on PATH (Debian 12: package qemu-system-common)")
     sock, qmp_sock = work / "qsd.sock", work / "qsd.qmp"
     d = Daemon("qsd", [qsd, "--blockdev", f"driver=file,filename={src},node-name=src,cache.direct=off",
-                       "--export", f"type=vhost-user-blk,id=e0,node-name=src,addr.type=unix,"
-                                   f"addr.path={sock},writable=on,num-queues=1",
+                       "--export", (f"type=vhost-user-blk,id=e0,node-name=src,addr.type=unix,"
+                                    f"addr.path={sock},writable=on,num-queues=1"),
                        "--chardev", f"socket,id=qmp0,path={qmp_sock},server=on,wait=off",
                        "--monitor", "chardev=qmp0"],
                str(sock), str(work / "qsd.log"))

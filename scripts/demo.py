@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vdev.bench.fio import (  # noqa: E402
+from vdev.bench.fio import (
     FIO_LOG_OPTIONS,
     FioRun,
     fio_run,
@@ -43,9 +43,9 @@ from vdev.bench.fio import (  # noqa: E402
     unpack_guest_output,
     write_run_files,
 )
-from vdev.bench.report import machine, plot_over_time, plot_percentiles, write_json  # noqa: E402
-from vdev.control import control_request  # noqa: E402
-from vdev.testing.guest import build_guest_image, run_in_guest  # noqa: E402
+from vdev.bench.report import machine, plot_over_time, plot_percentiles, write_json
+from vdev.control import control_request
+from vdev.testing.guest import build_guest_image, run_in_guest
 
 #: (name, file tag, iodepth)
 WORKLOADS = (("4k randread QD1", "randread-4k-qd1", 1), ("4k randread QD16", "randread-4k-qd16", 16))

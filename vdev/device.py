@@ -403,7 +403,8 @@ class DeviceRuntime(BackendHooks):
             avail = mem.frontend_to_guest(vring.addr.avail)
             used = mem.frontend_to_guest(vring.addr.used)
         except GuestError as exc:
-            raise exc.at(queue=vring.index)
+            exc.at(queue=vring.index)
+            raise
         queue = Queue(vring.num, desc, avail, used, index=vring.index, next_avail=vring.base,
                       event_idx=bool(acked & VirtioFeature.RING_EVENT_IDX),
                       indirect=bool(acked & VirtioFeature.RING_INDIRECT_DESC))

@@ -122,7 +122,7 @@ class QueueSnapshot:
 
     @classmethod
     def empty(cls) -> QueueSnapshot:
-        return cls({n: 0 for n in ENGINE_COUNTERS}, (0,) * TYPE_SLOTS, LatencyHistogram.empty())
+        return cls(dict.fromkeys(ENGINE_COUNTERS, 0), (0,) * TYPE_SLOTS, LatencyHistogram.empty())
 
     @classmethod
     def of_engine(cls, engine: NativeEngine) -> QueueSnapshot:

@@ -353,7 +353,8 @@ class Queue:
         try:
             self._walk(mem, chain)
         except GuestError as exc:
-            raise exc.at(queue=self.index, head=head)
+            exc.at(queue=self.index, head=head)
+            raise
         return chain
 
     def _read_desc(self, mem: GuestMemory, table: int, i: int) -> tuple[int, int, int, int]:

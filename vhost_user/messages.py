@@ -17,6 +17,7 @@ import enum
 import struct
 import uuid
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import ClassVar
 
 from .errors import ProtocolError
@@ -336,7 +337,7 @@ class MemoryTable:
 
 def _check_no_overlap(regions: tuple[MemoryRegion, ...]) -> None:
     spans = sorted((r.guest_phys_addr, r.guest_phys_addr + r.memory_size) for r in regions)
-    for (_a0, a1), (b0, _b1) in zip(spans, spans[1:]):
+    for (_a0, a1), (b0, _b1) in pairwise(spans):
         if b0 < a1:
             raise ProtocolError("memory regions overlap in guest-physical space", value=hex(b0))
 

@@ -47,7 +47,7 @@ from collections.abc import Awaitable, Callable
 
 from .errors import ProtocolError, Unsupported
 from .handler import BackendHandler, BackendHooks, Reply
-from .messages import MAX_FDS, U64, BackendReq, FrontendReq, HeaderFlag
+from .messages import MAX_FDS, BackendReq, FrontendReq, HeaderFlag, U64
 from .session import NEED_DATA, BackendSession, Framer, InvalidMessage, Message, close_fds
 
 log = logging.getLogger("vhost_user.server")
@@ -480,8 +480,7 @@ class VhostUserServer:
             deadline = 0.0 if pending is None else self._hold_deadline(arrived)
             timeout = None if pending is None else max(0.0, deadline - loop.time())
             try:
-                done, _ = await asyncio.wait({serving, accept}, timeout=timeout,
-                                             return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({serving, accept}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 if not accept.done():
                     accept.cancel()

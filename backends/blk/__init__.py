@@ -126,9 +126,8 @@ class BlkCommand(DeviceCommand):
         queue_size = parse_queue_size(args.queue_size)
         if queue_size < 4:
             raise ValueError(f"--queue-size: {queue_size} is too small for virtio-blk (min 4)")
-        if args.serial is not None:
-            if not args.serial.isascii() or len(args.serial) > ID_BYTES:
-                raise ValueError(f"--serial: {args.serial!r} is not at most {ID_BYTES} ASCII bytes")
+        if args.serial is not None and (not args.serial.isascii() or len(args.serial) > ID_BYTES):
+            raise ValueError(f"--serial: {args.serial!r} is not at most {ID_BYTES} ASCII bytes")
         if args.dataplane not in DATAPLANES:
             raise ValueError(f"--dataplane: {args.dataplane!r} is not one of {', '.join(DATAPLANES)}")
         if args.dataplane == "native" and spec.scheme not in NATIVE_SCHEMES:

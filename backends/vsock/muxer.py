@@ -216,7 +216,7 @@ class Muxer:
         self._local_ports: set[int] = set()
         self._recently_closed: collections.OrderedDict[tuple[int, int, int], float] = collections.OrderedDict()
         self._next_port = LOCAL_PORT_FIRST
-        self.errors: collections.Counter[str] = collections.Counter({c: 0 for c in ERROR_CAUSES})
+        self.errors: collections.Counter[str] = collections.Counter(dict.fromkeys(ERROR_CAUSES, 0))
         self.stats: collections.Counter[str] = collections.Counter()
         self._listeners: list[tuple[socket.socket, str, str]] = []
         self.group_path: str | None = None

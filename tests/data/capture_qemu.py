@@ -27,8 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from vhost_user.server import recv_with_fds, send_message  # noqa: E402
-from vdev.testing.guest import build_guest_image, run_in_guest  # noqa: E402
+from vdev.testing.guest import build_guest_image, run_in_guest
+from vhost_user.server import recv_with_fds, send_message
 
 DEVICES = {
     "rng": (["rng"], "vhost-user-rng-pci,chardev=c0", "dd if=/dev/hwrng bs=64 count=1 2>/dev/null | wc -c"),

@@ -122,7 +122,8 @@ async def test_read_only_disk_rejects_writes(guest_image: GuestImage, vdev_daemo
 echo "ro=$(cat /sys/block/vda/ro)"
 dd if=/dev/vda of=/tmp/head bs=4096 count=4 iflag=direct 2>/dev/null && echo read-ok
 head -c 16 /tmp/head; echo
-if dd if=/dev/zero of=/dev/vda bs=4096 count=1 oflag=direct 2>/dev/null; then echo write-succeeded; else echo write-failed; fi
+if dd if=/dev/zero of=/dev/vda bs=4096 count=1 oflag=direct 2>/dev/null
+then echo write-succeeded; else echo write-failed; fi
 """
     result = await run_in_guest(guest_image, script, timeout=120, qemu_args=blk_args(sock, queues=1))
     out = result.output

@@ -602,7 +602,7 @@ async def test_swap_waits_for_inflight_then_switches() -> None:
         assert returned is old
         assert not device.paused
         got = {u.head: u for u in await vm.wait_used(0, 4)}
-        assert sorted(got) == sorted(heads + [late])
+        assert sorted(got) == sorted([*heads, late])
         assert all(status(got[h]) == S_OK for h in heads)
         # the writes landed on the old storage...
         for n in range(3):
@@ -999,7 +999,7 @@ async def test_memory_added_and_removed_under_running_queues() -> None:
                 vm.kick(0)
                 return st
 
-            st = read_into_new_region()
+            read_into_new_region()
             (used,) = await vm.wait_used(0, 1)
             assert used.length == SECTOR + 1 and used.written == b"\0"     # status OK
             assert plugged[8192: 8192 + SECTOR] == pattern(SECTOR, 5)

@@ -53,7 +53,6 @@ from vhost_user.frontend import Frontend
 from vhost_user.handler import HANDLER_PROTOCOL_FEATURES
 from vhost_user.messages import (
     HEADER,
-    U64,
     VHOST_USER_F_PROTOCOL_FEATURES,
     FrontendReq,
     HeaderFlag,
@@ -61,6 +60,7 @@ from vhost_user.messages import (
     MemoryTable,
     ProtocolFeature,
     SingleMemoryRegion,
+    U64,
     VringAddr,
     VringFd,
     VringState,

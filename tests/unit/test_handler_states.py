@@ -46,7 +46,6 @@ from vhost_user.handler import (
 from vhost_user.messages import (
     FRONTEND_REQUESTS,
     HEADER,
-    U64,
     VHOST_USER_F_PROTOCOL_FEATURES,
     ConfigFlag,
     ConfigSpace,
@@ -56,6 +55,7 @@ from vhost_user.messages import (
     MemoryTable,
     ProtocolFeature,
     SingleMemoryRegion,
+    U64,
     VringAddr,
     VringFd,
     VringState,

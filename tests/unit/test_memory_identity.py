@@ -45,7 +45,7 @@ def test_same_geometry_new_file_is_mapped_anew() -> None:
         dup = os.dup(new_fd)
         try:
             again = MemoryMap.from_fds([(region, dup)], previous=new)
-            assert list(again._maps.values())[0] is list(new._maps.values())[0]
+            assert next(iter(again._maps.values())) is next(iter(new._maps.values()))
             new.release_unused(again)
             assert again.read(0x10_0000, 4) == b"NEW!"
             again.release_unused(None)
@@ -71,7 +71,7 @@ async def test_set_mem_table_with_a_new_memfd_switches_memory() -> None:
         new = MemfdGuestMemory(regions=[(r.gpa, r.size) for r in old.regions])
         for o, n in zip(old.regions, new.regions, strict=True):
             n.data[:] = o.data
-        assert [r for r in new.vhost_regions] == [r for r in old.vhost_regions]
+        assert list(new.vhost_regions) == list(old.vhost_regions)
         await vm.fe.set_mem_table(new.vhost_regions, new.fds)
         for q in vm.queues:
             q.mem = new

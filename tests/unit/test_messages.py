@@ -41,7 +41,7 @@ from vhost_user.messages import (
     VringFd,
     VringState,
 )
-from vhost_user.session import BackendSession, FrontendSession, Framer, RawMessage, encode
+from vhost_user.session import BackendSession, Framer, FrontendSession, RawMessage, encode
 
 pytestmark = pytest.mark.skipif(sys.byteorder != "little",
                                 reason="golden bytes are written in little-endian host order")

@@ -21,6 +21,7 @@ import shutil
 import struct
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from itertools import pairwise
 
 import pytest
 
@@ -197,7 +198,7 @@ async def test_file_extents_tell_holes_from_data(tmp_path) -> None:
         runs = await storage.extents(0, 4 * MiB)
         # contiguous, covering the range, alternating
         assert runs[0][0] == 0 and sum(r[1] for r in runs) == 4 * MiB
-        for a, b in zip(runs, runs[1:], strict=False):
+        for a, b in pairwise(runs):
             assert a[0] + a[1] == b[0] and a[2] != b[2]
         data = [(o, n) for o, n, d in runs if d]
         assert any(o <= MiB < o + n for o, n in data)

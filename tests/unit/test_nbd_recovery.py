@@ -134,7 +134,7 @@ def test_timeout_options_are_checked_before_anything_opens() -> None:
     assert spec.options["timeout"] == "2.5"
     for bad in ("nbd://h/x?timeout=0", "nbd://h/x?timeout=-1", "nbd://h/x?timeout=soon",
                 "nbd+unix:///x?socket=/s&reconnect-delay=nan", "nbd://h/x?timeout=inf"):
-        with pytest.raises(ValueError, match="timeout|reconnect-delay"):
+        with pytest.raises(ValueError, match=r"timeout|reconnect-delay"):
             parse_storage_url(bad)
 
 

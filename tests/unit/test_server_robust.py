@@ -140,7 +140,8 @@ async def test_out_of_file_descriptors_does_not_end_the_daemon(short_dir: str) -
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "vdev", "blk", "--socket", sock, "--control", ctl,
                                  "--backend", "mem:1M", "--queues", "1"], stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, preexec_fn=_limit_fds)
+                                stderr=subprocess.STDOUT,
+                                preexec_fn=_limit_fds)  # noqa: PLW1509 (one setrlimit call, no locks taken)
     idle: list[socket.socket] = []
     extra: socket.socket | None = None
     try:

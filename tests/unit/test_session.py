@@ -6,6 +6,7 @@ import array
 import os
 import socket
 import struct
+from itertools import pairwise
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -431,7 +432,7 @@ def test_random_splits_decode_the_same(msgs, data) -> None:
     bounds = [0, *sorted(cuts), len(stream)]
     s = BackendSession()
     got = []
-    for lo, hi in zip(bounds, bounds[1:]):
+    for lo, hi in pairwise(bounds):
         fds = [fd for start, m in zip(starts, expected) if lo <= start < hi for fd in m.fds]
         s.receive_data(stream[lo:hi], fds)
         got.extend(drain(s))

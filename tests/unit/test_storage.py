@@ -483,7 +483,7 @@ async def test_file_fallocate_unsupported(tmp_path, monkeypatch: pytest.MonkeyPa
 def _losetup(image: str) -> str | None:
     if os.geteuid() != 0 or shutil.which("losetup") is None:
         return None
-    r = subprocess.run(["losetup", "--find", "--show", image], capture_output=True, text=True)
+    r = subprocess.run(["losetup", "--find", "--show", image], capture_output=True, text=True, check=False)
     return r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else None
 
 

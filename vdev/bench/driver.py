@@ -366,7 +366,7 @@ class BlkSession:
             queue_size = 128
             while queue_size < 3 * depth:
                 queue_size *= 2
-        for i, j in enumerate(jobs):
+        for j in jobs:
             if j is not None and 3 * j.iodepth > queue_size:
                 raise BenchError(f"--iodepth {j.iodepth}: needs a queue of at least {3 * j.iodepth} "
                                  f"descriptors (3 per request), --queue-size is {queue_size}",

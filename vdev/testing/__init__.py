@@ -38,7 +38,6 @@ from vhost_user.messages import (
 )
 
 from ..device import Device, serve
-from .conformance import check_queue
 from ..memory import MappedRegion, RegionTable, load_u16, store_u16
 from ..uapi.virtio import (
     DESC_SIZE,
@@ -47,6 +46,7 @@ from ..uapi.virtio import (
     VIRTQ_DESC_F_WRITE,
     VirtioFeature,
 )
+from .conformance import check_queue
 
 __all__ = ["Buffer", "DriverQueue", "check_queue", "FakeGuestMemory", "MemfdGuestMemory", "Used",
            "VirtioFrontend", "device_pair"]

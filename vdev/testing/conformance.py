@@ -36,8 +36,8 @@ from typing import Any
 
 from ..errors import GuestError
 from ..memory import RegionTable, store_u16
-from ..tracking import DirtyLog, InflightArea
 from ..queue import DescriptorChain, Queue
+from ..tracking import DirtyLog, InflightArea
 from ..uapi.virtio import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 
 __all__ = ["check_queue", "QueueFactory"]

@@ -131,7 +131,8 @@ class NewcWriter:
     def _pad(self, align: int) -> None:
         self._write(b"\0" * (-self._offset % align))
 
-    def _entry(self, name: str, mode: int, data: bytes = b"", *, nlink: int = 1, rdev: tuple[int, int] = (0, 0)) -> None:
+    def _entry(self, name: str, mode: int, data: bytes = b"", *, nlink: int = 1,
+               rdev: tuple[int, int] = (0, 0)) -> None:
         self._ino += 1
         encoded = name.encode() + b"\0"
         fields = (self._ino, mode, 0, 0, nlink, 0, len(data), 0, 0, rdev[0], rdev[1], len(encoded), 0)

@@ -142,10 +142,7 @@ def buffer_address(buf: memoryview) -> int:
 
 
 def _is_aligned(buffers: Sequence[memoryview], align: int) -> bool:
-    for b in buffers:
-        if b.nbytes % align or not b.c_contiguous or buffer_address(b) % align:
-            return False
-    return True
+    return not any(b.nbytes % align or not b.c_contiguous or buffer_address(b) % align for b in buffers)
 
 
 def _as_bytes(buffers: Sequence[memoryview]) -> list[memoryview]:
