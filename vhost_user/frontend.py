@@ -18,7 +18,7 @@ import contextlib
 import logging
 import socket
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Protocol, Self, TypeVar
 
 from .errors import ProtocolError
 from .messages import (
@@ -40,11 +40,27 @@ from .messages import (
     VringState,
 )
 from .server import recv_with_fds, send_message, wait_fd
-from .session import NEED_DATA, BackendChannelSession, FrontendSession, Message, RawMessage, close_fds, encode
+from .session import (
+    NEED_DATA,
+    BackendChannelSession,
+    FrontendSession,
+    Message,
+    RawMessage,
+    _NeedData,
+    close_fds,
+    encode,
+)
 
 log = logging.getLogger("vhost_user.frontend")
 
-P = TypeVar("P")
+class _Unpackable(Protocol):
+    """A payload class: ``unpack`` builds one from its wire bytes."""
+
+    @classmethod
+    def unpack(cls, data: bytes) -> Self: ...
+
+
+P = TypeVar("P", bound=_Unpackable)
 
 
 class Frontend:
@@ -143,7 +159,7 @@ class Frontend:
                           fds: Sequence[int] = ()) -> P:
         raw = await self.call(request, payload, fds)
         assert raw is not None
-        return payload_type.unpack(raw.data)  # type: ignore[attr-defined, no-any-return]
+        return payload_type.unpack(raw.data)
 
     # -- one method per request --------------------------------------------------
 
@@ -281,7 +297,7 @@ class Frontend:
         try:
             while True:
                 event = session.next_event()
-                if event is NEED_DATA:
+                if isinstance(event, _NeedData):
                     await wait_fd(loop, chan.fileno())
                     try:
                         data, fds = recv_with_fds(chan)

@@ -32,6 +32,7 @@ import abc
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from .errors import ProtocolError, Unsupported, VdevError
 from .messages import (
@@ -48,6 +49,7 @@ from .messages import (
     LogDescription,
     MemoryRegion,
     MemoryTable,
+    Payload,
     ProtocolFeature,
     SingleMemoryRegion,
     U64,
@@ -277,7 +279,8 @@ class BackendHandler:
             fds: tuple[int, ...] = ()
             if error is None and isinstance(result, tuple):
                 result, fds = result          # a reply that carries fds (GET_INFLIGHT_FD)
-            payload = result if error is None else self._failure_reply(msg)
+            # _dispatch returns what the request's _on_ method returns: its reply payload
+            payload = cast(Payload, result) if error is None else self._failure_reply(msg)
             assert payload is not None
             return Reply(encode(msg.request, payload.pack(), flags=HeaderFlag.REPLY), fds)
         if (msg.request is FrontendReq.SET_LOG_BASE
@@ -293,7 +296,7 @@ class BackendHandler:
             log.warning("%s asked for a reply without REPLY_ACK negotiated; not answered", name)
         return None
 
-    def _failure_reply(self, msg: Message | InvalidMessage) -> object:
+    def _failure_reply(self, msg: Message | InvalidMessage) -> Payload:
         """A reply of the right type that says "failed", so the front-end never hangs."""
         spec = FRONTEND_REQUESTS[FrontendReq(msg.request)]
         payload = getattr(msg, "payload", None)
@@ -332,7 +335,7 @@ class BackendHandler:
 
     # -- helpers -----------------------------------------------------------
 
-    def _vring(self, index: int, request: FrontendReq) -> Vring:
+    def _vring(self, index: int, request: FrontendReq | BackendReq) -> Vring:
         if not 0 <= index < len(self.vrings):
             raise ProtocolError(f"ring index out of range (device has {len(self.vrings)} queues)",
                                 request=request.name, value=index)

@@ -597,9 +597,9 @@ class RequestSpec:
     feature that must be negotiated before the request is legal.
     """
 
-    payload: type
+    payload: type[Payload]
     fds: tuple[int, int] = (0, 0)
-    reply: type | None = None
+    reply: type[Payload] | None = None
     feature: ProtocolFeature | None = None
 
 

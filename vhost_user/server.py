@@ -44,11 +44,12 @@ import stat
 import struct
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from .errors import ProtocolError, Unsupported
 from .handler import BackendHandler, BackendHooks, Reply
 from .messages import MAX_FDS, BackendReq, FrontendReq, HeaderFlag, U64
-from .session import NEED_DATA, BackendSession, Framer, InvalidMessage, Message, close_fds
+from .session import NEED_DATA, BackendSession, Framer, InvalidMessage, Message, _NeedData, close_fds
 
 log = logging.getLogger("vhost_user.server")
 
@@ -155,7 +156,12 @@ async def wait_fd(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool = Fal
     """Wait until ``fd`` is readable (or writable, with ``write=True``)."""
     fut: asyncio.Future[None] = loop.create_future()
     add, remove = (loop.add_writer, loop.remove_writer) if write else (loop.add_reader, loop.remove_reader)
-    add(fd, lambda: fut.done() or fut.set_result(None))
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    add(fd, ready)
     try:
         await fut
     finally:
@@ -326,7 +332,7 @@ class Connection:
                             raise ProtocolError("back-end channel closed before the ack",
                                                 request=request.name)
                         framer.receive_data(chunk)
-                assert not isinstance(raw, type(NEED_DATA))
+                assert not isinstance(raw, _NeedData)
                 if raw.request != request or not raw.flags & HeaderFlag.REPLY or len(raw.data) != 8:
                     raise ProtocolError("unexpected reply on the back-end channel",
                                         request=request.name, value=(raw.request, raw.flags))
@@ -385,6 +391,7 @@ class VhostUserServer:
 
     async def _connect(self) -> socket.socket:
         loop = asyncio.get_running_loop()
+        assert self.path is not None      # client mode needs a path (__init__)
         warned = False
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -480,7 +487,8 @@ class VhostUserServer:
             deadline = 0.0 if pending is None else self._hold_deadline(arrived)
             timeout = None if pending is None else max(0.0, deadline - loop.time())
             try:
-                await asyncio.wait({serving, accept}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                waiting: set[asyncio.Future[Any]] = {serving, accept}
+                await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 if not accept.done():
                     accept.cancel()

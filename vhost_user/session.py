@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import os
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeVar
 
 from .errors import ProtocolError
 from .messages import (
@@ -47,6 +48,9 @@ from .messages import (
     Payload,
     RequestSpec,
 )
+
+#: The request enum of one direction (`decode` is given its table and enum).
+_Req = TypeVar("_Req", FrontendReq, BackendReq)
 
 
 class _NeedData:
@@ -197,7 +201,7 @@ class Framer:
         self._buf.clear()
 
 
-def decode(raw: RawMessage, table: dict, enum_type: type) -> Message | InvalidMessage:
+def decode(raw: RawMessage, table: Mapping[_Req, RequestSpec], enum_type: type[_Req]) -> Message | InvalidMessage:
     """Type a framed request by the dispatch table; wrong payload or fds → InvalidMessage."""
     try:
         request = enum_type(raw.request)
