@@ -9,7 +9,7 @@ install`` compiles them.
 from __future__ import annotations
 
 try:
-    from ._lib import ffi, lib  # type: ignore[import-not-found]
+    from ._lib import ffi, lib
 except ImportError as exc:   # pragma: no cover - a broken install, named plainly
     raise ImportError(
         "vdev's native data plane is not built: reinstall with `pip install -e .` "

@@ -94,7 +94,7 @@ def machine() -> dict[str, Any]:
 
 
 def _hdr(buckets: Iterable[tuple[int, int]], max_ns: int) -> Any:
-    from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
+    from hdrh.histogram import HdrHistogram
 
     h = HdrHistogram(HDR_LOWEST, HDR_HIGHEST, HDR_DIGITS)
     for index, count in buckets:
@@ -130,7 +130,7 @@ class Histograms(Protocol):
 
 def write_hdr_files(result: Histograms, out_dir: str, *, start_unix: float, tag: str = "") -> list[str]:
     """``latency.hlog`` (interval histograms) and ``latency.hgrm`` (percentile table, µs)."""
-    from hdrh.log import HistogramLogWriter  # type: ignore[import-untyped]
+    from hdrh.log import HistogramLogWriter
 
     hlog = os.path.join(out_dir, "latency.hlog")
     with open(hlog, "w") as f:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from ..errors import GuestError
@@ -278,11 +279,11 @@ def _steps(ref: _Side, sut: _Side, size: int, start: int, event_idx: bool, indir
             elif kind == "complete":
                 out = side.complete(op[1])
             elif kind == "notify":
-                out = _outcome(lambda s=side: s.queue.needs_notification(s.mem))
+                out = _outcome(partial(side.queue.needs_notification, side.mem))
             elif kind == "disable":
-                out = _outcome(lambda s=side: s.queue.disable_notification(s.mem))
+                out = _outcome(partial(side.queue.disable_notification, side.mem))
             elif kind == "enable":
-                out = _outcome(lambda s=side: s.queue.enable_notification(s.mem))
+                out = _outcome(partial(side.queue.enable_notification, side.mem))
             elif kind == "restart":
                 out = side.restart()
             else:   # pragma: no cover
