@@ -48,6 +48,7 @@ from vdev._native import ffi
 from vdev.device import Device, VirtQueue
 from vdev.engine import NativeEngine, RingSpec
 from vdev.errors import DeviceError, GuestError, Unsupported
+from vdev.memory import GuestMemory
 from vdev.queue import Descriptor, DescriptorChain
 from vdev.uapi.virtio import DeviceId
 
@@ -158,7 +159,7 @@ class BlkLimits:
     write_zeroes: bool
 
 
-def parse_request(chain: DescriptorChain, mem, limits: BlkLimits) -> tuple[BlkRequest, memoryview]:
+def parse_request(chain: DescriptorChain, mem: GuestMemory, limits: BlkLimits) -> tuple[BlkRequest, memoryview]:
     """Parse ``chain`` into a request and the view of its status byte.
 
     Raises:
@@ -177,7 +178,7 @@ def parse_request(chain: DescriptorChain, mem, limits: BlkLimits) -> tuple[BlkRe
         raise
 
 
-def _parse_body(chain: DescriptorChain, mem, limits: BlkLimits,
+def _parse_body(chain: DescriptorChain, mem: GuestMemory, limits: BlkLimits,
                 data_in: list[memoryview]) -> BlkRequest:
     reader = chain.reader(mem)
     if reader.available < HEADER.size:
@@ -732,6 +733,7 @@ class BlkDevice(Device):
                 if self._native is not None:
                     # The C side bounds-checks against the storage size it was given.
                     old_native, self._native = self._native, self._native_for(self.storage)
+                    assert self._native is not None     # the same storage: still a native one
                     for engine in self._engines().values():
                         engine.set_blk_storage(self._native)
                     old_native.close()

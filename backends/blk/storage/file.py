@@ -44,6 +44,7 @@ import struct
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from typing import TypeVar, TypeVarTuple, cast
 
 from vdev.errors import DeviceError
 
@@ -60,6 +61,9 @@ from .url import parse_bool
 __all__ = ["FileStorage"]
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_Ts = TypeVarTuple("_Ts")
 
 # <linux/falloc.h>
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -91,7 +95,7 @@ def _load_fallocate() -> Callable[..., int] | None:
     # int fallocate(int fd, int mode, off_t offset, off_t len);  off_t is 64-bit
     fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     fn.restype = ctypes.c_int
-    return fn
+    return cast("Callable[..., int]", fn)     # a ctypes function returning c_int
 
 
 _fallocate_fn = _load_fallocate()
@@ -167,7 +171,8 @@ def _advance(bufs: list[memoryview], i: int, n: int) -> int:
     return i
 
 
-def _iov_full(syscall, fd: int, offset: int, buffers: Sequence[memoryview]) -> int:  # type: ignore[no-untyped-def]
+def _iov_full(syscall: Callable[[int, list[memoryview], int], int], fd: int, offset: int,
+              buffers: Sequence[memoryview]) -> int:
     """Repeat ``syscall`` (os.preadv or os.pwritev) until every buffer is done; returns bytes moved.
 
     A read stops early at end of file (0 returned); a write that moves
@@ -302,7 +307,7 @@ def _device_size(fd: int, is_block: bool) -> int:
     if is_block:
         try:
             raw = fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8)
-            return struct.unpack("=Q", raw)[0]
+            return int(struct.unpack("=Q", raw)[0])
         except OSError:
             return os.lseek(fd, 0, os.SEEK_END)
     return os.fstat(fd).st_size
@@ -313,7 +318,7 @@ def _probe_block_size(fd: int, is_block: bool, direct: bool) -> int:
     if is_block:
         try:
             raw = fcntl.ioctl(fd, BLKSSZGET, b"\0" * 4)
-            return max(SECTOR_SIZE, struct.unpack("=i", raw)[0])
+            return max(SECTOR_SIZE, int(struct.unpack("=i", raw)[0]))
         except OSError:
             return SECTOR_SIZE
     if not direct:
@@ -499,7 +504,7 @@ class FileStorage(Storage):
 
     # ---- plumbing ---------------------------------------------------------------
 
-    async def _run(self, op: str, fn, *args):  # type: ignore[no-untyped-def]
+    async def _run(self, op: str, fn: Callable[[*_Ts], _T], *args: *_Ts) -> _T:
         """Run ``fn(*args)`` on a worker; OSError becomes DeviceError."""
         self.check_open(op)
         loop = asyncio.get_running_loop()
@@ -508,7 +513,7 @@ class FileStorage(Storage):
         except OSError as e:
             raise io_error(f"{op} on {self.url} failed", e) from e
 
-    async def _run_held(self, op: str, fn, *args):  # type: ignore[no-untyped-def]
+    async def _run_held(self, op: str, fn: Callable[[*_Ts], _T], *args: *_Ts) -> _T:
         """`_run` for a call made while holding a serialised range: if the
         caller is cancelled, the range stays held until the syscall has
         really finished (a thread cannot be stopped mid-pwritev)."""

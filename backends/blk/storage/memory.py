@@ -18,7 +18,7 @@ import platform
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 from .base import (
     SECTOR_SIZE,
@@ -56,6 +56,10 @@ def _parse_sized_spec(spec: StorageSpec) -> StorageSpec:
 
 class _SizedStorage(Storage):
     """What ``mem:SIZE`` and ``null:SIZE`` share: a URL that is just a size, and discard."""
+
+    if TYPE_CHECKING:
+        # The constructor every subclass has, which `open` calls.
+        def __init__(self, size: int, *, read_only: bool = False, url: str | None = None) -> None: ...
 
     @classmethod
     def parse_spec(cls, spec: StorageSpec) -> StorageSpec:

@@ -26,9 +26,10 @@ import socket
 import struct
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
+from typing import ParamSpec, TypeVar
 
 from vdev.errors import DeviceError
 
@@ -36,6 +37,9 @@ from . import nbd_proto as P
 from .base import STATUS_IOERR, STATUS_UNSUPP, Storage, buffers_length
 
 __all__ = ["FAKE_NBD_FLAGS", "Call", "FakeNbdServer", "FaultyStorage", "QemuNbdServer", "free_tcp_port"]
+
+_T = TypeVar("_T")
+_P = ParamSpec("_P")
 
 #: Operation names FaultyStorage knows (the keys of ``calls``).
 OPS = ("read", "write", "flush", "discard", "write_zeroes", "refresh_size")
@@ -196,7 +200,8 @@ class FaultyStorage(Storage):
                               cause=OSError(fault.errno, os.strerror(fault.errno)))
         self.history.append(Call(op, offset, length))
 
-    async def _forward(self, op: str, offset: int, length: int, coro_fn, *args, **kw):  # type: ignore[no-untyped-def]
+    async def _forward(self, op: str, offset: int, length: int, coro_fn: Callable[_P, Awaitable[_T]],
+                       *args: _P.args, **kw: _P.kwargs) -> _T:
         await self._enter(op, offset, length)
         self.in_flight += 1
         try:
@@ -446,7 +451,7 @@ def free_tcp_port(host: str = "127.0.0.1") -> int:
     """A port nothing listens on right now (racy by nature; fine for tests)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 class QemuNbdServer:

@@ -63,7 +63,7 @@ class _CallableFactory:
         result = self._fn(spec)
         if inspect.isawaitable(result):
             result = await result
-        return result  # type: ignore[return-value]
+        return result
 
 
 _SCHEMES: dict[str, StorageFactory | _CallableFactory] = {}
