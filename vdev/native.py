@@ -88,10 +88,11 @@ class NativeQueue:
         self.event_idx, self.indirect = event_idx, indirect
         self._init = (next_avail & 0xFFFF, next_used & 0xFFFF)
         self._vr: Any = ffi.new("struct vd_vring *")
-        self._bufs: Any = ffi.new("struct vd_buf[]", size)
+        cap = lib.vd_chain_cap(size)
+        self._bufs: Any = ffi.new("struct vd_buf[]", cap)
         self._chain: Any = ffi.new("struct vd_chain *")
         self._chain.bufs = self._bufs
-        self._chain.cap = size
+        self._chain.cap = cap
         self._mem: NativeMemory | None = None
         self._started = False
         self._log: tuple[DirtyLog | None, bool, int] = (None, False, 0)

@@ -225,6 +225,27 @@ async def test_multi_descriptor_data(opened: Storage, indirect: bool) -> None:
         assert used.written[:-1] == (bytes(len(data)) if is_null(opened) else data)
 
 
+@pytest.mark.parametrize("storage_url", ["mem", "file"], indirect=True)
+async def test_seg_max_segments_in_an_indirect_table_longer_than_the_queue(opened: Storage) -> None:
+    """QEMU's vhost-user-blk-pci rings hold 128 descriptors, and the device
+    advertises seg_max 254: Linux then puts up to 256 data segments, plus the
+    header and the status, in one indirect table (it checks a chain against
+    the ring size only without indirect descriptors).  Such a request was
+    returned unanswered, and the guest took the stale status byte for OK: a
+    lost write under writeback."""
+    async with device_pair(BlkDevice(opened), queue_size=128) as vm:
+        seg_max = (await config(vm))["seg_max"]
+        assert seg_max + 2 > 128
+        data = pattern(seg_max * SECTOR, 9)
+        pieces = [Buffer.readable(data[i:i + SECTOR]) for i in range(0, len(data), SECTOR)]
+        used = await vm.request(0, [header(T_OUT, 8), *pieces, Buffer.writable(1)], indirect=True)
+        assert (status(used), used.length) == (S_OK, 1)
+        used = await vm.request(0, [header(T_IN, 8), *[Buffer.writable(SECTOR)] * seg_max,
+                                    Buffer.writable(1)], indirect=True)
+        assert (status(used), used.length) == (S_OK, len(data) + 1)
+        assert used.written[:-1] == data
+
+
 @all_storages
 async def test_flush(opened: Storage) -> None:
     async with device_pair(BlkDevice(opened)) as vm:

@@ -321,11 +321,14 @@ FIXED_SCENARIOS: tuple[tuple[Any, ...], ...] = (
                              ("pop",), ("pop",), ("pop",), ("complete", 1), ("notify",), ("restart",),
                              ("pop",), ("pop",), ("pop",), ("complete", 1), ("complete", 1),
                              ("restart",), ("pop",), ("enable",)], True),
-    # an indirect table as long as the queue after a direct buffer: one too many
+    # an indirect table as long as the queue after a direct buffer: a chain
+    # longer than the ring, which Linux sends (see vdev.queue.INDIRECT_MAX)
     (4, 0, False, True, [("table", 0, (0x1000, 8, 1, 1)), ("table", 1, (0x1800, 8, 1, 2)),
                          ("table", 2, (0x2000, 8, 1, 3)), ("table", 3, (0x2800, 8, 2, 0)),
                          ("desc", 0, (0x1000, 8, 1, 1)), ("desc", 1, (0x3000, 64, 4, 0)),
-                         ("publish", 0), ("pop",)]),
+                         ("publish", 0), ("pop",), ("complete", 8), ("notify",)]),
+    # an indirect table one descriptor longer than 1024: too long
+    (4, 0, False, True, [("desc", 0, (0x3000, 16 * 1025, 4, 0)), ("publish", 0), ("pop",)]),
 )
 
 

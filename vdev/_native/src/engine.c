@@ -300,10 +300,10 @@ int vd_engine_start(struct vd_engine *e, const struct vd_mem *mem, uint16_t size
                            event_idx, indirect);
     if (rc)
         return rc;
-    e->chain.bufs = calloc(size, sizeof *e->chain.bufs);
+    e->chain.bufs = calloc(vd_chain_cap(size), sizeof *e->chain.bufs);
     if (e->chain.bufs == NULL)
         return -ENOMEM;
-    e->chain.cap = size;
+    e->chain.cap = vd_chain_cap(size);
     e->ctl_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (e->ctl_fd < 0)
         return -errno;

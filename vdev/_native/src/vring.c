@@ -237,7 +237,7 @@ static int walk(struct vd_vring *vr, struct vd_chain *c)
                 return chain_error(c, VD_E_INDIRECT_WITH_NEXT, addr, -1);
             if (len == 0 || len % DESC_SIZE)
                 return chain_error(c, VD_E_INDIRECT_BAD_LENGTH, addr, len);
-            if (len / DESC_SIZE > vr->size)
+            if (len / DESC_SIZE > (vr->size > VD_INDIRECT_MAX ? vr->size : VD_INDIRECT_MAX))
                 return chain_error(c, VD_E_INDIRECT_TOO_LONG, addr, len);
             const uint8_t *t = vd_mem_translate(mem, addr, len);
             if (t == NULL)
@@ -245,9 +245,10 @@ static int walk(struct vd_vring *vr, struct vd_chain *c)
             table = t;
             table_gpa = addr;
             table_len = len / DESC_SIZE;
-            /* The pointer is not a buffer; the chain's buffers, direct ones
-             * before it included, stay within the queue size (§2.7.5.3.1). */
-            budget = budget + 1 < table_len ? budget + 1 : table_len;
+            /* The table's own length bounds its walk (a loop inside it runs
+             * out of budget); it is not bounded by the ring size, see
+             * VD_INDIRECT_MAX. */
+            budget = table_len;
             i = 0;
             in_indirect = true;
             continue;
@@ -325,9 +326,9 @@ int vd_vring_pop(struct vd_vring *vr, struct vd_chain *c)
         }
     }
     c->head = head;
-    /* The budget keeps a chain within the queue size, which is the capacity
-     * the caller must give (an indirect table is at most the queue size too). */
-    if (c->cap < vr->size)
+    /* The budgets keep a chain within vd_chain_cap(size) buffers, which is
+     * the capacity the caller must give. */
+    if (c->cap < vd_chain_cap(vr->size))
         return chain_error(c, VD_E_LOOP, vr->desc_gpa, -1);
     return walk(vr, c);
 }

@@ -49,6 +49,20 @@ enum {
     VD_E_LAYOUT = 13,
 };
 
+/* The longest indirect table accepted, whatever the queue size: QEMU's
+ * VIRTQUEUE_MAX_SIZE.  Linux checks a chain against the ring size only when
+ * it has no indirect descriptors, so a device that advertises seg_max S gets
+ * tables of S + 2 descriptors, more than a 128-entry ring (QEMU's default for
+ * vhost-user-blk-pci) when S is 254. */
+#define VD_INDIRECT_MAX 1024
+
+/* Buffers a chain can hold: direct descriptors before an indirect one (at
+ * most size - 1), then a table of at most max(size, VD_INDIRECT_MAX). */
+static inline uint32_t vd_chain_cap(uint32_t size)
+{
+    return size + (size > VD_INDIRECT_MAX ? size : VD_INDIRECT_MAX);
+}
+
 #define VD_DESC_F_NEXT 1
 #define VD_DESC_F_WRITE 2
 #define VD_DESC_F_INDIRECT 4
