@@ -30,7 +30,9 @@ fi
 # daemons tests start, not the C data plane), and records which test ran
 # each line (--cov-context=test), so the floor below counts the in-process
 # tier's lines (tests/unit) even though the QEMU tier runs in the same process.
-.venv/bin/python -m pytest -v --durations=15 --cov --cov-context=test --cov-report= "$@"
+# --cov-fail-under=0: pytest-cov would otherwise hold the whole run's total
+# to fail_under, which is the unit tier's floor and is checked below.
+.venv/bin/python -m pytest -v --durations=15 --cov --cov-context=test --cov-report= --cov-fail-under=0 "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
     echo "test.sh: pytest collected no tests; that is a failure" >&2
