@@ -140,8 +140,15 @@ static int drain(struct vd_engine *e)
             if (e->ops->submit)
                 e->ops->submit(e);
             reap(e);
-            flush(e);
         }
+        /* Publish what completed now, not at the end of the drain: a driver
+         * waiting for its first completion (used_event) is woken while we
+         * go on, refills the ring meanwhile and this loop takes the new
+         * chains without a kick or a sleep on either side (the overlap
+         * QEMU's per-request vu_queue_notify gets).  Publishing is one
+         * release store; the call is still written only when the driver's
+         * used_event / NO_INTERRUPT asks for it (§2.7.10). */
+        flush(e);
     }
     RELAXED_STORE(&e->stats.inflight, e->inflight);
     if (e->ops->submit)
