@@ -8,7 +8,10 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <linux/magic.h>
+#include <limits.h>
 #include <sys/uio.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 /* virtio 1.2 §5.2.6; the limits are those backends/blk/device.py offers. */
@@ -71,6 +74,15 @@ static void make_zeros(void)
 
 /* ---- storage ---------------------------------------------------------------------- */
 
+/* A file whose pages live only in memory (tmpfs, ramfs): see sync_rw in blk.h. */
+static int memory_backed(int fd)
+{
+    struct statfs s;
+    if (fstatfs(fd, &s) != 0)
+        return 0;
+    return s.f_type == TMPFS_MAGIC || s.f_type == RAMFS_MAGIC;
+}
+
 struct vd_blk_storage *vd_blk_storage_new(int kind, uint8_t *mem, uint64_t size, int fd, int direct,
                                           uint32_t block, int read_only)
 {
@@ -84,6 +96,8 @@ struct vd_blk_storage *vd_blk_storage_new(int kind, uint8_t *mem, uint64_t size,
     st->direct = direct;
     st->block = block ? block : SECTOR;
     st->read_only = read_only;
+    if (kind == VD_BLK_FILE && !direct && fd >= 0)
+        st->sync_rw = memory_backed(fd);
     pthread_mutex_init(&st->lock, NULL);
     pthread_cond_init(&st->cond, NULL);
     return st;
@@ -589,6 +603,35 @@ static bool iov_aligned(const struct blk_req *r, uint64_t b)
     return true;
 }
 
+/* A read or write of a memory-backed file, done here (sync_rw): short
+ * transfers resume where they stopped; the end of the file before the data
+ * is an I/O error, as on the io_uring path. */
+static uint8_t file_rw_sync(struct vd_engine *e, struct blk_req *r)
+{
+    struct blk_dev *d = dev_of(e);
+    int fd = d->st->fd;
+    while (r->done < r->len) {
+        int cnt = r->niov - r->cur;
+        if (cnt > IOV_MAX)
+            cnt = IOV_MAX;
+        off_t off = (off_t)(r->offset + r->done);
+        ssize_t n = r->type == T_IN ? preadv(fd, r->iov + r->cur, cnt, off)
+                                    : pwritev(fd, r->iov + r->cur, cnt, off);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return S_IOERR;
+        }
+        if (n == 0)
+            return S_IOERR;
+        advance(r, (uint64_t)n);
+    }
+    /* Writethrough: durable before it is acknowledged. */
+    if (r->type == T_OUT && !__atomic_load_n(&d->cfg->wce, __ATOMIC_RELAXED) && fdatasync(fd))
+        return S_IOERR;
+    return S_OK;
+}
+
 /* Start a read or write on a file; returns true if it went to io_uring,
  * false if it was parked (a read-modify-write runs on this storage). */
 static bool file_rw(struct vd_engine *e, uint16_t head)
@@ -689,6 +732,10 @@ static void execute_rw(struct vd_engine *e, uint16_t head)
             } else {
                 finish(e, head, S_OK);
             }
+            return;
+        }
+        if (st->sync_rw) {
+            finish(e, head, file_rw_sync(e, r));
             return;
         }
         if (r->type == T_OUT && st->direct && (r->offset % st->block || r->len % st->block)) {
@@ -800,6 +847,10 @@ static int blk_handle(struct vd_engine *e, struct vd_chain *c)
     }
     case T_FLUSH:
         r->used_len = 1;
+        if (d->st->kind == VD_BLK_FILE && d->st->sync_rw) {
+            finish(e, head, fdatasync(d->st->fd) ? S_IOERR : S_OK);
+            return 1;
+        }
         if (d->st->kind == VD_BLK_FILE) {
             submit_flush(d, head);
             return 0;
