@@ -4,6 +4,7 @@
 #include <liburing.h>
 #include <linux/falloc.h>
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -42,12 +43,13 @@ struct blk_req {
     int niov;
     struct iovec *iov;      /* the data's iovecs (inline or allocated) */
     struct iovec *iov_alloc;
-    struct iovec iov_inline[INLINE_IOV];
     int cur;                /* first iovec not yet fully moved */
     uint8_t *bounce;        /* O_DIRECT, misaligned: aligned bounce buffer */
     uint64_t bounce_skip;   /* where the data starts inside it */
     uint64_t bounce_len;
     struct iovec bounce_iov;
+    /* Last: scratch that needs no clearing between requests. */
+    struct iovec iov_inline[INLINE_IOV];
 };
 
 struct blk_dev {
@@ -162,7 +164,7 @@ static void req_reset(struct blk_req *r)
 {
     free(r->iov_alloc);
     free(r->bounce);
-    memset(r, 0, sizeof *r);
+    memset(r, 0, offsetof(struct blk_req, iov_inline));
 }
 
 /* iovecs for bytes [skip, skip+len) of a buffer list (regions split). */
@@ -184,13 +186,20 @@ static int build_iov(struct vd_engine *e, struct blk_req *r, const struct vd_buf
         if (blen > len)
             blen = len;
         while (blen > 0) {
-            /* The chain was bounds-checked at pop; split at region ends. */
             uint8_t *h;
-            uint64_t piece = vd_mem_span(m, gpa, &h);
-            if (piece == 0)
-                return -1;
-            if (piece > blen)
+            uint64_t piece;
+            if (bufs[i].host != NULL) {
+                /* In one region: pop translated it already. */
+                h = bufs[i].host + (gpa - bufs[i].gpa);
                 piece = blen;
+            } else {
+                /* Bounds-checked at pop, crossing regions: split at their ends. */
+                piece = vd_mem_span(m, gpa, &h);
+                if (piece == 0)
+                    return -1;
+                if (piece > blen)
+                    piece = blen;
+            }
             if (cnt == cap) {
                 int ncap = cap * 4;
                 struct iovec *bigger = malloc(sizeof *bigger * (size_t)ncap);
@@ -220,7 +229,8 @@ static uint8_t *status_byte(struct vd_engine *e, const struct vd_chain *c)
     for (uint32_t i = c->nread + c->nwrite; i > c->nread; i--) {
         const struct vd_buf *b = &c->bufs[i - 1];
         if (b->len > 0)
-            return vd_mem_translate(e->vr.mem, b->gpa + b->len - 1, 1);
+            return b->host != NULL ? b->host + b->len - 1
+                                   : vd_mem_translate(e->vr.mem, b->gpa + b->len - 1, 1);
     }
     return NULL;
 }
@@ -809,7 +819,10 @@ static int blk_handle(struct vd_engine *e, struct vd_chain *c)
         return 1;
     }
     uint8_t hdr[16];
-    vd_bufs_copy_out(e->vr.mem, rd, c->nread, 0, hdr, 16);
+    if (rd[0].host != NULL && rd[0].len >= 16)
+        memcpy(hdr, rd[0].host, 16);
+    else
+        vd_bufs_copy_out(e->vr.mem, rd, c->nread, 0, hdr, 16);
     uint32_t type;
     uint64_t sector;
     memcpy(&type, hdr, 4);
