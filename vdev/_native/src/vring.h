@@ -85,6 +85,7 @@ struct vd_buf {
     uint64_t gpa;
     uint32_t len;
     uint16_t flags;
+    uint8_t *host;       /* set by pop: [gpa, gpa+len) in one region, else NULL */
 };
 
 /* A popped chain: `nread` readable buffers, then `nwrite` writable ones, in
