@@ -153,6 +153,15 @@ class BackendHooks(abc.ABC):
     def set_backend_channel(self, fd: int | None) -> None:
         """The back-end request channel changed (None: gone)."""
 
+    def send_rarp(self, mac: bytes) -> None:
+        """SEND_RARP (protocol feature RARP): announce ``mac`` (6 bytes) after a
+        migration, for a guest that cannot announce itself."""
+        raise Unsupported("SEND_RARP", "device does not send RARP announcements")
+
+    def set_mtu(self, mtu: int) -> None:
+        """NET_SET_MTU (protocol feature NET_MTU): the MTU the front-end gives the guest."""
+        raise Unsupported("NET_SET_MTU", "device has no MTU")
+
     def reset(self) -> None:
         """RESET_DEVICE or a disconnect: return to the initial state."""
 
@@ -575,6 +584,15 @@ class BackendHandler:
 
     def _on_get_status(self, msg: Message) -> U64:
         return U64(self.state.status)
+
+    def _on_send_rarp(self, msg: Message) -> None:
+        assert isinstance(msg.payload, U64)
+        # spec SEND_RARP: "the first 6 bytes of the payload contain the mac address"
+        self.hooks.send_rarp(msg.payload.value.to_bytes(8, "little")[:6])
+
+    def _on_net_set_mtu(self, msg: Message) -> None:
+        assert isinstance(msg.payload, U64)
+        self.hooks.set_mtu(msg.payload.value)
 
     def _on_set_backend_req_fd(self, msg: Message) -> None:
         old, self.state.backend_fd = self.state.backend_fd, msg.fds[0]
