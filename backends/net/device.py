@@ -401,8 +401,10 @@ class NetDevice(Device):
             return
         self._link_up = up
         log.info("net: link %s (%s)", "up" if up else "down", self.link.kind)
-        with contextlib.suppress(RuntimeError):      # no loop running: nobody to tell
-            self._spawn(self.notify_config_change())
+        if self.runtime is not None and self.runtime.vrings:
+            # A driver is running: tell it (a driver yet to come reads the config anyway).
+            with contextlib.suppress(RuntimeError):      # no loop running: nobody to tell
+                self._spawn(self.notify_config_change())
 
     async def _monitor(self) -> None:
         """Once a second: the TAP's state, and a log line for each new cause of loss."""
