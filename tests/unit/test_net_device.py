@@ -347,3 +347,34 @@ async def test_stop_while_a_frame_waits_answers_exact_indices() -> None:
         assert await vm.fe.get_vring_base(TX) == 0
         assert await vm.fe.get_vring_base(RX) == 0
         assert vm.queues[TX].used_idx == 0
+
+
+def post_like_linux(vm: VirtioFrontend, index: int, buffers: list[list[Buffer]]) -> bool:
+    """Post chains and kick only if EVENT_IDX asks for it (vring_need_event, as
+    Linux's virtqueue_kick_prepare does); returns whether it kicked."""
+    q = vm.queues[index]
+    old = q.avail_idx
+    for chain in buffers:
+        vm.post(index, chain, kick=False)
+    event = q.avail_event
+    if (q.avail_idx - event - 1) & 0xFFFF < (q.avail_idx - old) & 0xFFFF:
+        vm.kick(index)
+        return True
+    return False
+
+
+async def test_receiver_with_too_few_buffers_is_woken_by_the_next_ones() -> None:
+    """A frame needs more mergeable buffers than the ring holds: it waits, and
+    the device must ask to hear of the *next* buffers (avail_event at the
+    current avail.idx, not at the chains it gave back), or a driver that
+    kicks only when EVENT_IDX asks never wakes it (a stalled host-to-guest
+    TCP stream under QEMU before this was fixed)."""
+    async with loopback(no_buffer_wait_ms=600_000) as (dev, vm):
+        assert vm.queues[RX].event_idx
+        post_like_linux(vm, RX, [[Buffer.writable(256)]])
+        frame = frame_of(bytes(1000))
+        send(vm, frame)
+        await until(lambda: dev.queue_stats()[RX]["no_buffer"] == 1)
+        assert post_like_linux(vm, RX, [[Buffer.writable(256)] for _ in range(4)])
+        got = await vm.wait_used(RX, 5)
+        assert received(got)[1] == frame

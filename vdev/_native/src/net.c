@@ -300,6 +300,28 @@ static void iov_put(const struct iovec *iov, int n, size_t at, const uint8_t *sr
 
 /* ---- rings -------------------------------------------------------------------------------- */
 
+/* Ask for a kick when the driver adds *any* buffer (§2.7.10), then look
+ * again; 1 if buffers arrived meanwhile.  Unlike vd_vring_enable_notify,
+ * which asks to hear of chains past next_avail, this is for a receiver
+ * that has buffers in its ring but too few for the frame: with EVENT_IDX
+ * avail_event must be the current avail.idx, or the driver's next
+ * additions (already past next_avail) would never kick us. */
+static int rx_want_more(struct vd_vring *vr)
+{
+    uint16_t seen = vd_vring_avail_idx(vr);
+    uint16_t *flags = (uint16_t *)vr->used;
+    uint16_t *avail_event = (uint16_t *)(vr->used + 4 + 8u * vr->size);
+    if (vr->event_idx) {
+        __atomic_store_n(avail_event, seen, __ATOMIC_RELAXED);
+    } else {
+        uint16_t f = __atomic_load_n(flags, __ATOMIC_RELAXED);
+        __atomic_store_n(flags, (uint16_t)(f & ~VD_USED_F_NO_NOTIFY), __ATOMIC_RELAXED);
+    }
+    /* Publish the request before re-reading avail.idx, or a kick can be missed. */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    return vd_vring_avail_idx(vr) != seen;
+}
+
 /* Publish what was pushed and interrupt the driver once if it wants it.
  * Caller holds the ring's lock. */
 static void flush_ring(struct vd_net_ring *r, uint64_t t0)
@@ -373,14 +395,9 @@ static int rx_deliver(struct vd_net_port *dst, const struct vd_net_hdr *h, const
             r->vr.next_avail = (uint16_t)(r->vr.next_avail - nch);
             nch = niov = 0;
             cap = 0;
-            int more = vd_vring_enable_notify(&r->vr);
-            if (more > 0) {
+            if (rx_want_more(&r->vr)) {
                 vd_vring_disable_notify(&r->vr);
                 continue;
-            }
-            if (more < 0) {
-                RELAXED_STORE(&r->stats.broken, (uint64_t)-more);
-                return RX_DOWN;
             }
             return RX_NO_BUFFER;
         }
