@@ -190,7 +190,14 @@ class _State:
     features_set: bool = False
     status: int = 0
     regions: list[RegionFd] = field(default_factory=list)
+    #: ADD_MEM_REG repeats of a region already in the table (by its key), so
+    #: that as many REM_MEM_REGs are needed to remove it.
+    region_repeats: dict[tuple[int, int, int, int], int] = field(default_factory=dict)
     backend_fd: int | None = None
+
+
+def _region_key(r: MemoryRegion) -> tuple[int, int, int, int]:
+    return (r.guest_phys_addr, r.userspace_addr, r.memory_size, r.mmap_offset)
 
 
 class BackendHandler:
@@ -387,6 +394,7 @@ class BackendHandler:
                                 request=msg.request.name, value=(len(regions), len(msg.fds)))
         new = [RegionFd(r, fd) for r, fd in zip(regions, msg.fds)]
         self._install_memory(new)
+        self.state.region_repeats.clear()
 
     def _install_memory(self, new: list[RegionFd]) -> None:
         try:
@@ -405,6 +413,18 @@ class BackendHandler:
     def _on_add_mem_reg(self, msg: Message) -> None:
         assert isinstance(msg.payload, SingleMemoryRegion)
         region = msg.payload.region
+        key = _region_key(region)
+        if any(_region_key(r.region) == key for r in self.state.regions):
+            # QEMU before 8.1 sends ADD_MEM_REG once per vhost device, and a
+            # vhost-user-net with several queue pairs is one device per pair
+            # on one connection: the same region arrives again.  Taking it as
+            # a repeat (a REM_MEM_REG each) keeps the table whole; refusing it
+            # made QEMU stop the pair.  Found by running QEMU 7.2 with mq=on.
+            close_fds(msg.fds)
+            self.state.region_repeats[key] = self.state.region_repeats.get(key, 0) + 1
+            log.info("ADD_MEM_REG repeats region %#x (+%#x); counted, not mapped again",
+                     region.guest_phys_addr, region.memory_size)
+            return
         if len(self.state.regions) >= MAX_MEM_SLOTS:
             close_fds(msg.fds)
             raise ProtocolError("no free memory slot", request=msg.request.name, value=MAX_MEM_SLOTS)
@@ -421,6 +441,15 @@ class BackendHandler:
         assert isinstance(msg.payload, SingleMemoryRegion)
         close_fds(msg.fds)   # spec: old front-ends attach one; it is not used
         region = msg.payload.region
+        repeats = self.state.region_repeats
+        for k, n in list(repeats.items()):
+            if k[:3] == (region.guest_phys_addr, region.userspace_addr, region.memory_size):
+                # One of the repeated adds (see _on_add_mem_reg) taken back.
+                if n > 1:
+                    repeats[k] = n - 1
+                else:
+                    del repeats[k]
+                return
         key = (region.guest_phys_addr, region.userspace_addr, region.memory_size)
         keep = [r for r in self.state.regions
                 if (r.region.guest_phys_addr, r.region.userspace_addr, r.region.memory_size) != key]
@@ -636,6 +665,7 @@ class BackendHandler:
             self.hooks.set_memory([])
             close_fds([r.fd for r in self.state.regions])
             self.state.regions = []
+            self.state.region_repeats.clear()
         if self.state.backend_fd is not None:
             self.hooks.set_backend_channel(None)
             self._replace_fd(self.state.backend_fd)

@@ -378,3 +378,23 @@ async def test_receiver_with_too_few_buffers_is_woken_by_the_next_ones() -> None
         assert post_like_linux(vm, RX, [[Buffer.writable(256)] for _ in range(4)])
         got = await vm.wait_used(RX, 5)
         assert received(got)[1] == frame
+
+
+async def test_repeated_add_mem_reg_from_a_second_queue_pair_is_accepted() -> None:
+    """QEMU 7.2 drives a multi-queue vhost-user-net as one vhost device per
+    pair on one connection, and each sends ADD_MEM_REG for the same guest
+    RAM.  The repeat is acknowledged and counted (a REM_MEM_REG each), the
+    table stays whole and frames keep flowing; refusing it made QEMU stop."""
+    async with loopback(queues=2) as (_dev, vm):
+        region = vm.mem.vhost_regions[0]
+        await vm.fe.add_mem_reg(region, vm.mem.fds[0])      # acked 0, or ProtocolError
+        vm.post(RX, [Buffer.writable(2048)])
+        frame = frame_of(b"after the repeat")
+        send(vm, frame)
+        (rx,) = await vm.wait_used(RX, 1)
+        assert received([rx])[1] == frame
+        await vm.fe.rem_mem_reg(region)                      # takes back the repeat only
+        vm.post(RX, [Buffer.writable(2048)])
+        send(vm, frame)
+        (rx,) = await vm.wait_used(RX, 1)
+        assert received([rx])[1] == frame
