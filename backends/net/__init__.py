@@ -39,6 +39,8 @@ qemu-system-x86_64 -machine q35 -m 1G \\
     -kernel vmlinuz -initrd initrd.img -append console=ttyS0 -nographic"""
 
 MAX_QUEUES = 64
+#: Longest busy-poll (--poll-us) accepted: one second.
+MAX_POLL_US = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class NetConfig:
     mtu: int | None
     queue_size: int
     control: str | None
+    poll_us: int = 0
 
 
 class NetCommand(DeviceCommand):
@@ -79,6 +82,9 @@ class NetCommand(DeviceCommand):
                                                   "also set on the TAP)")
         g.add_argument("--queue-size", default="256", metavar="N",
                        help="largest queue size (power of 2, default 256)")
+        g.add_argument("--poll-us", default="0", metavar="N",
+                       help="busy-poll each transmit ring for up to N microseconds after its last frame "
+                            "before sleeping on the kick eventfd (default 0: never)")
         g.add_argument("--control", metavar="PATH", help="JSON control socket: info (per-queue counters)")
 
     def configure(self, args: argparse.Namespace) -> NetConfig:
@@ -96,6 +102,7 @@ class NetCommand(DeviceCommand):
         mtu = parse_int(args.mtu, "--mtu", lo=MIN_MTU, hi=MAX_MTU) if args.mtu is not None else None
         mac = parse_mac(args.mac) if args.mac is not None else None
         queue_size = parse_queue_size(args.queue_size)
+        poll_us = parse_int(args.poll_us, "--poll-us", lo=0, hi=MAX_POLL_US)
         tap = None
         if args.tap is not None:
             tap = TapSpec(
@@ -107,7 +114,7 @@ class NetCommand(DeviceCommand):
                 queues=queues, mtu=mtu)
         cable = check_cable_name(args.cable) if args.cable is not None else None
         link = "tap" if tap else "cable" if cable else "loopback"
-        return NetConfig(link, tap, cable, mac, queues, mtu, queue_size, args.control)
+        return NetConfig(link, tap, cable, mac, queues, mtu, queue_size, args.control, poll_us)
 
     async def create(self, config: NetConfig) -> Device:
         link: Link
@@ -119,7 +126,7 @@ class NetCommand(DeviceCommand):
             link = LoopbackLink()
         try:
             device = NetDevice(link, queues=config.queues, queue_size=config.queue_size, mac=config.mac,
-                               mtu=config.mtu)
+                               mtu=config.mtu, poll_us=config.poll_us)
         except BaseException:
             if isinstance(link, TapLink):
                 link.tap.close()

@@ -299,7 +299,8 @@ class NetDevice(Device):
     name = "net"
 
     def __init__(self, link: Link, *, queues: int = 1, queue_size: int = 256, mac: bytes | None = None,
-                 mtu: int | None = None, no_buffer_wait_ms: int = NO_BUFFER_WAIT_MS) -> None:
+                 mtu: int | None = None, no_buffer_wait_ms: int = NO_BUFFER_WAIT_MS,
+                 poll_us: int = 0) -> None:
         if not 1 <= queues <= 128:
             raise ValueError(f"--queues: {queues} is out of range 1..128")
         if mtu is not None and not MIN_MTU <= mtu <= MAX_MTU:
@@ -308,6 +309,7 @@ class NetDevice(Device):
         self.pairs = queues
         self.mac = mac
         self.mtu = mtu
+        self.poll_us = poll_us
         self.link = link
         self.cfg = NetConfigC(no_buffer_wait_ms)
         self.ports: list[NativePort] = []
@@ -321,6 +323,8 @@ class NetDevice(Device):
         self.closed = False
         try:
             self.ports = [NativePort(self.cfg, i) for i in range(queues)]
+            for port in self.ports:
+                port.set_poll(poll_us)
             link.attach(self)
         except BaseException:
             for port in self.ports:
@@ -481,6 +485,7 @@ class NetDevice(Device):
             "version_1": bool(acked & VirtioFeature.VERSION_1),
             "rarps_sent": self.rarps_sent,
             "no_buffer_wait_ms": self.cfg.no_buffer_wait_ms,
+            "poll_us": self.poll_us,
             "queues": queues,
         }
 

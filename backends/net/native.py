@@ -73,6 +73,10 @@ class NativePort:
         self.pair = pair
         self.peer: NativePort | None = None
 
+    def set_poll(self, poll_us: int) -> None:
+        """Busy-poll the transmit ring up to ``poll_us`` µs after the last frame (0: never)."""
+        lib.vd_net_port_set_poll(self.cdata, poll_us)
+
     def set_fd(self, fd: int | None) -> None:
         """Link to ``fd`` (a TAP queue, a cable socket; the port gets its own dup), or none."""
         lib.vd_net_port_set_fd(self.cdata, -1 if fd is None else os.dup(fd))

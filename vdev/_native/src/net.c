@@ -53,6 +53,7 @@ struct vd_net_port {
     bool dropping;              /* the wait bound passed: drop until buffers come */
     bool blocked_out;           /* the link socket is full: wait for POLLOUT */
     bool link_dead;             /* the fd said EOF or EBADFD: stop polling it */
+    uint32_t poll_us;           /* busy-poll the transmit ring this long before sleeping */
     struct iovec *txiov;
     uint32_t txiov_cap;
 };
@@ -355,7 +356,7 @@ static void drop(struct vd_net_ring *r, uint64_t *cause)
  * `src` its bytes (without the header).  Caller holds the receive ring's
  * lock.  On RX_NO_BUFFER nothing was taken from the ring. */
 static int rx_deliver(struct vd_net_port *dst, const struct vd_net_hdr *h, const struct iovec *src,
-                      int nsrc, uint32_t len)
+                      int nsrc, uint32_t len, bool dropping)
 {
     struct vd_net_ring *r = &dst->ring[VD_NET_RX];
     if (!r->started || r->vr.broken)
@@ -395,6 +396,10 @@ static int rx_deliver(struct vd_net_port *dst, const struct vd_net_hdr *h, const
             r->vr.next_avail = (uint16_t)(r->vr.next_avail - nch);
             nch = niov = 0;
             cap = 0;
+            /* Already dropping for this receiver: it is looked at again with
+             * the next frame, so no kick (and no fence) is needed. */
+            if (dropping)
+                return RX_NO_BUFFER;
             if (rx_want_more(&r->vr)) {
                 vd_vring_disable_notify(&r->vr);
                 continue;
@@ -473,10 +478,11 @@ static int rx_deliver(struct vd_net_port *dst, const struct vd_net_hdr *h, const
 
 /* Start or continue waiting for receive buffers; true when the wait bound
  * has passed and the frame is to be dropped. */
-static bool wait_expired(struct vd_net_port *p, struct vd_net_ring *rx, uint64_t now)
+static bool wait_expired(struct vd_net_port *p, struct vd_net_ring *rx)
 {
     if (p->dropping)
         return true;
+    uint64_t now = now_ns();
     if (p->wait_since == 0) {
         p->wait_since = now ? now : 1;
         stat_add(&rx->stats.no_buffer, 1);
@@ -562,7 +568,7 @@ static int tx_one(struct vd_net_port *p, struct vd_net_ring *t, struct vd_chain 
         return TX_DONE;
     }
     case VD_NET_LINK_PEER: {
-        int rc = dst != NULL ? rx_deliver(dst, &h, p->txiov + 1, n, (uint32_t)frame) : RX_DOWN;
+        int rc = dst != NULL ? rx_deliver(dst, &h, p->txiov + 1, n, (uint32_t)frame, p->dropping) : RX_DOWN;
         struct vd_net_ring *rx = dst != NULL ? &dst->ring[VD_NET_RX] : NULL;
         if (rc == RX_OK) {
             wait_over(p);
@@ -573,7 +579,7 @@ static int tx_one(struct vd_net_port *p, struct vd_net_ring *t, struct vd_chain 
         if (rc == RX_NO_BUFFER) {
             if (!rx->running)
                 return TX_RETRY;    /* held, not empty: no wait counted */
-            if (!wait_expired(p, rx, now_ns()))
+            if (!wait_expired(p, rx))
                 return TX_RETRY;
             drop(rx, &rx->stats.no_buffer_drops);
             drop(t, NULL);
@@ -709,9 +715,9 @@ static int do_rx_fd(struct vd_net_port *p)
             continue;
         }
         struct iovec src = { p->bounce + VD_NET_LINK_HDR, len };
-        int rc = rx_deliver(p, &h, &src, 1, len);
+        int rc = rx_deliver(p, &h, &src, 1, len, p->dropping);
         if (rc == RX_NO_BUFFER) {
-            if (!wait_expired(p, r, now_ns()))
+            if (!wait_expired(p, r))
                 break;                           /* the frame waits in the bounce buffer */
             drop(r, &r->stats.no_buffer_drops);
         } else {
@@ -776,6 +782,32 @@ static bool ring_live(struct vd_net_ring *r)
     return RELAXED_LOAD(&r->started) && RELAXED_LOAD(&r->running);
 }
 
+/* Busy-poll the transmit ring for up to poll_us with kicks still
+ * suppressed (as QEMU's iothread poll-max-ns and DPDK's polling cores do):
+ * a frame arriving meanwhile is taken without a kick or a wake-up.  True
+ * when one arrived (or Python wants the worker). */
+static bool poll_tx(struct vd_net_port *p)
+{
+    uint32_t us = RELAXED_LOAD(&p->poll_us);
+    struct vd_net_ring *t = &p->ring[VD_NET_TX];
+    if (us == 0 || p->blocked_out || (p->wait_since && !p->dropping))
+        return false;
+    uint64_t deadline = now_ns() + (uint64_t)us * 1000u;
+    do {
+        for (int i = 0; i < 64; i++) {
+            if (RELAXED_LOAD(&p->req_gen) != p->ack_gen)
+                return true;
+            pthread_mutex_lock(&t->lock);
+            int n = t->started && t->running && !t->vr.broken ? vd_vring_pending(&t->vr) : 0;
+            pthread_mutex_unlock(&t->lock);
+            if (n != 0)
+                return true;
+            __builtin_ia32_pause();
+        }
+    } while (now_ns() < deadline);
+    return false;
+}
+
 static void *worker(void *arg)
 {
     struct vd_net_port *p = arg;
@@ -783,7 +815,7 @@ static void *worker(void *arg)
     while (take_control(p)) {
         int work = do_tx(p);
         work += do_rx_fd(p);
-        if (work > 0)
+        if (work > 0 || poll_tx(p))
             continue;
 
         /* §2.7.10: ask for kicks again, then look once more before sleeping.
@@ -978,6 +1010,12 @@ void vd_net_port_free(struct vd_net_port *p)
     free(p);
 }
 
+void vd_net_port_set_poll(struct vd_net_port *p, uint32_t poll_us)
+{
+    RELAXED_STORE(&p->poll_us, poll_us);
+    wake(p);
+}
+
 void vd_net_port_set_fd(struct vd_net_port *p, int fd)
 {
     pthread_mutex_lock(&p->lock);
@@ -1021,7 +1059,7 @@ int vd_net_port_inject(struct vd_net_port *p, const uint8_t *frame, uint32_t len
         hdr_decode(frame, &h);
         struct iovec src = { (void *)(frame + VD_NET_LINK_HDR), len - VD_NET_LINK_HDR };
         pthread_mutex_lock(&rx->lock);
-        int d = rx_deliver(peer, &h, &src, 1, len - VD_NET_LINK_HDR);
+        int d = rx_deliver(peer, &h, &src, 1, len - VD_NET_LINK_HDR, false);
         flush_ring(rx, 0);
         pthread_mutex_unlock(&rx->lock);
         rc = d == RX_OK ? 0 : d == RX_NO_BUFFER ? -EAGAIN : -ENOTCONN;

@@ -175,6 +175,8 @@ struct vd_net_ring {
 struct vd_net_port *vd_net_port_new(struct vd_net_cfg *cfg, uint16_t pair);
 /* Stop the worker, unlink any peer, free everything (rings must be stopped). */
 void vd_net_port_free(struct vd_net_port *p);
+/* Busy-poll the transmit ring up to poll_us after the last frame (0: sleep at once). */
+void vd_net_port_set_poll(struct vd_net_port *p, uint32_t poll_us);
 /* The link.  fd (owned by the port from now on; -1: none) for VD_NET_LINK_FD. */
 void vd_net_port_set_fd(struct vd_net_port *p, int fd);
 /* A peer port (a cable) or `p` itself (loopback); NULL: none.  Cables are
