@@ -398,3 +398,30 @@ async def test_repeated_add_mem_reg_from_a_second_queue_pair_is_accepted() -> No
         send(vm, frame)
         (rx,) = await vm.wait_used(RX, 1)
         assert received([rx])[1] == frame
+
+
+@pytest.mark.parametrize("case", ["outside_memory", "looping", "indirect_outside"])
+async def test_malformed_transmit_chains_are_returned_and_counted(case: str) -> None:
+    """A transmit chain pointing outside guest memory, looping, or with an
+    indirect table outside memory goes back to the driver (length 0) and is
+    counted; nothing is sent, and the next good frame goes through."""
+    async with loopback() as (dev, vm):
+        vm.post(RX, [Buffer.writable(2048)])
+        q = vm.queues[TX]
+        head = q.free_desc.pop()
+        if case == "outside_memory":
+            q.write_desc(head, 1 << 40, 100)
+        elif case == "looping":
+            q.write_desc(head, q.alloc.alloc(64), 64, 1, head)          # NEXT to itself
+        else:
+            q.write_desc(head, 1 << 40, 32, 4)                          # INDIRECT table outside memory
+        q.publish(head)
+        vm.kick(TX)
+        (bad,) = await vm.wait_used(TX, 1)
+        assert (bad.head, bad.length) == (head, 0)
+        assert dev.queue_stats()[TX]["bad_chains"] == 1
+        frame = frame_of(b"still fine")
+        send(vm, frame)
+        (rx,) = await vm.wait_used(RX, 1)
+        assert received([rx])[1] == frame
+        assert dev.queue_stats()[RX]["frames"] == 1
