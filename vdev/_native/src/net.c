@@ -721,6 +721,8 @@ static int do_rx_fd(struct vd_net_port *p)
                 break;                           /* the frame waits in the bounce buffer */
             drop(r, &r->stats.no_buffer_drops);
         } else {
+            if (rc == RX_DOWN)
+                drop(r, &r->stats.link_down_drops);   /* the ring broke meanwhile */
             wait_over(p);
         }
         p->pend_len = 0;
