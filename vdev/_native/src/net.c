@@ -532,6 +532,16 @@ static int tx_one(struct vd_net_port *p, struct vd_net_ring *t, struct vd_chain 
         drop(t, &t->stats.disabled_drops);
         return TX_DONE;
     }
+    if (p->w_link == VD_NET_LINK_PEER && p->dropping && dst != NULL) {
+        /* Past the wait bound for this receiver: while it has no buffers,
+         * drop without building the frame's scatter list. */
+        struct vd_net_ring *rx = &dst->ring[VD_NET_RX];
+        if (rx->started && rx->running && rx->enabled && !rx->vr.broken && vd_vring_pending(&rx->vr) == 0) {
+            drop(rx, &rx->stats.no_buffer_drops);
+            drop(t, NULL);
+            return TX_DONE;
+        }
+    }
     int n = bufs_to_iov(t->vr.mem, c->bufs, c->nread, hlen, frame, p->txiov + 1, p->txiov_cap - 1);
     if (n < 0) {
         drop(t, &t->stats.too_big);
