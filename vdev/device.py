@@ -40,14 +40,25 @@ from collections.abc import Iterator, Sequence
 from typing import ClassVar
 
 from vhost_user.handler import BackendHooks, RegionFd, Vring
-from vhost_user.messages import MAX_CONFIG_SIZE, BackendReq, ConfigFlag, ProtocolFeature
+from vhost_user.messages import (
+    MAX_CONFIG_SIZE,
+    VHOST_F_LOG_ALL,
+    VHOST_VRING_F_LOG,
+    BackendReq,
+    ConfigFlag,
+    InflightDescription,
+    LogDescription,
+    ProtocolFeature,
+)
 from vhost_user.server import VhostUserServer
 
 from .engine import NativeEngine, RingSpec
 from .errors import GuestError, Unsupported
-from .memory import MemoryMap
+from .memory import MemoryMap, load_u16
+from .metrics import QueueAccounts, QueueSnapshot
 from .native import NativeMemory
-from .queue import DescriptorChain, Queue
+from .queue import Descriptor, DescriptorChain, Queue
+from .tracking import DirtyLog, InflightArea
 from .uapi.virtio import DeviceId, VirtioFeature
 
 log = logging.getLogger("vdev.device")
@@ -76,6 +87,8 @@ class VirtQueue:
         self.task: asyncio.Task[None] | None = None
         self.rerun = False
         self.completed = 0
+        #: This queue's Python-path counters and latency (kept by the device).
+        self.stats = runtime.device.accounts.python_queue(queue.index)
 
     def chains(self) -> Iterator[DescriptorChain]:
         """Every available chain, with notifications handled per §2.7.10.
@@ -87,19 +100,28 @@ class VirtQueue:
         for item in self.queue.iter_available(self.mem):
             if isinstance(item, GuestError):
                 log.warning("%s: bad chain: %s", self.runtime.device.name, item)
+                self.stats.bad_chains += 1
                 if item.head is not None and self.queue.broken is None:
-                    self.complete(item.head, self.runtime.device.bad_chain(self, item))
+                    written = self.runtime.device.bad_chain(self, item)
+                    if isinstance(item.tail, Descriptor):
+                        self.queue.log_write([item.tail])
+                    self.complete(item.head, written)
                 continue
             yield item
 
-    def complete(self, chain: DescriptorChain | int, written: int) -> None:
+    def complete(self, chain: DescriptorChain | int, written: int, t_pop_ns: int = 0) -> None:
         """Return a chain to the driver with ``written`` bytes of device-written data.
 
         Inside `process_queue` the interrupt is sent once at the end of the
         pass; outside it (an asynchronous completion) right away, unless
-        EVENT_IDX says the driver does not want one.
+        EVENT_IDX says the driver does not want one.  ``t_pop_ns``: when the
+        chain was taken (`time.monotonic_ns`), to record its latency; 0: none.
         """
         head = chain if isinstance(chain, int) else chain.head
+        if not isinstance(chain, int):
+            # Migration: what the device wrote is dirty (after the writes,
+            # before the used entry hands it to the driver).
+            self.queue.log_write(chain.writable)
         if self.stopped:
             # The ring was stopped (GET_VRING_BASE) or the device reset: the
             # front-end owns the rings now and nothing may be written.
@@ -108,6 +130,9 @@ class VirtQueue:
             return
         self.queue.add_used(self.mem, head, written)
         self.completed += 1
+        self.stats.requests += 1
+        if t_pop_ns:
+            self.stats.record(t_pop_ns)
         if not self.in_pass:
             self.notify_if_needed()
 
@@ -119,8 +144,12 @@ class VirtQueue:
         except GuestError as exc:
             log.warning("%s: %s", self.runtime.device.name, exc)
             needed = True
+        self.stats.batches += 1
         if needed:
+            self.stats.calls += 1
             self.runtime.signal(self.index)
+        else:
+            self.stats.calls_suppressed += 1
 
 
 class Device(abc.ABC):
@@ -129,6 +158,11 @@ class Device(abc.ABC):
 
     device_id: ClassVar[int]
     name: ClassVar[str] = "device"
+    #: Whether requests may be taken again after a back-end crash (vhost-user
+    #: INFLIGHT_SHMFD): true for request/response devices such as a disk.
+    supports_inflight: ClassVar[bool] = False
+    #: Names of the per-type request counters (``by_type`` slots), for metrics.
+    request_types: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, *, num_queues: int = 1, queue_size: int = 256) -> None:
         if not 1 <= num_queues <= 256:
@@ -139,6 +173,8 @@ class Device(abc.ABC):
         self.queue_size = queue_size
         self.acked_features = 0
         self.runtime: DeviceRuntime | None = None
+        #: Per-queue counters and latency on both data paths (`vdev.metrics`).
+        self.accounts = QueueAccounts()
 
     @property
     def features(self) -> int:
@@ -184,7 +220,19 @@ class Device(abc.ABC):
         return None
 
     def engine_retired(self, index: int, engine: NativeEngine) -> None:
-        """The native engine of queue ``index`` stopped (its counters are final)."""
+        """The native engine of queue ``index`` stopped (its counters are final).
+        The default keeps its totals in `accounts`; an override calls it."""
+        self.accounts.retire(index, engine)
+
+    def python_inflight(self, index: int) -> int:
+        """Requests of queue ``index`` the Python path took and has not completed."""
+        return 0
+
+    def queue_snapshots(self) -> dict[int, QueueSnapshot]:
+        """Every queue's counters and latency histogram so far (both data paths,
+        stopped engines included), by index.  Safe from any thread."""
+        engines = self.runtime.engines if self.runtime is not None else {}
+        return self.accounts.snapshot(engines, self.python_inflight)
 
     def bad_chain(self, vq: VirtQueue, error: GuestError) -> int:
         """A malformed chain is about to go back to the driver; return the used length.
@@ -235,17 +283,26 @@ class DeviceRuntime(BackendHooks):
         self._native_mem: NativeMemory | None = None
         #: How many holders (a storage swap, a pause) keep every queue from taking chains.
         self._holds = 0
+        # Migration and reconnection state shared with the front-end.
+        self.dirty_log: DirtyLog | None = None
+        self.logging = False                 # VHOST_F_LOG_ALL acked
+        self.inflight: InflightArea | None = None
 
     # -- static description ------------------------------------------------------
 
     @property
     def features(self) -> int:
-        return int(FRAMEWORK_FEATURES) | self.device.features
+        # LOG_ALL: every device can be migrated; dirty logging is the runtime's.
+        return int(FRAMEWORK_FEATURES) | VHOST_F_LOG_ALL | self.device.features
 
     @property
     def protocol_features(self) -> ProtocolFeature:
-        config = ProtocolFeature.CONFIG if self.device.has_config else ProtocolFeature(0)
-        return config | self.device.protocol_features
+        f = ProtocolFeature.LOG_SHMFD
+        if self.device.has_config:
+            f |= ProtocolFeature.CONFIG
+        if self.device.supports_inflight:
+            f |= ProtocolFeature.INFLIGHT_SHMFD
+        return f | self.device.protocol_features
 
     @property
     def num_queues(self) -> int:
@@ -264,7 +321,62 @@ class DeviceRuntime(BackendHooks):
     # -- hooks ----------------------------------------------------------------------
 
     def set_features(self, features: int) -> None:
-        self.device.set_features(features)
+        self.device.set_features(features & ~VHOST_F_LOG_ALL)
+        logging_ = bool(features & VHOST_F_LOG_ALL)
+        if logging_ != self.logging:
+            self.logging = logging_
+            log.info("%s: dirty logging %s", self.device.name, "on" if logging_ else "off")
+            self._apply_log()
+
+    # -- migration: the dirty log --------------------------------------------------------
+
+    def set_log_base(self, fd: int, desc: LogDescription) -> None:
+        new = DirtyLog(fd, desc.mmap_size, desc.mmap_offset)   # on failure the handler closes fd
+        os.close(fd)                                            # the mapping holds its own reference
+        old, self.dirty_log = self.dirty_log, new
+        self._apply_log()               # the rings are held (the server drained them)
+        if old is not None:
+            old.close()
+
+    def set_vring_log(self, index: int) -> None:
+        self._apply_log()
+
+    def _ring_log(self, index: int) -> tuple[DirtyLog | None, bool, int]:
+        active = self.dirty_log if self.logging else None
+        vring = self.vrings.get(index)
+        addr = vring.addr if vring is not None else None
+        log_used = bool(addr is not None and addr.flags & VHOST_VRING_F_LOG)
+        return active, log_used, addr.log if addr is not None else 0
+
+    def _apply_log(self) -> None:
+        """Give every started ring the log as it now stands (rings held by the server's drain)."""
+        for index, engine in self.engines.items():
+            engine.set_log(*self._ring_log(index))
+        for index, vq in self.queues.items():
+            vq.queue.set_log(*self._ring_log(index))
+
+    # -- reconnection: in-flight regions -------------------------------------------------
+
+    def get_inflight(self, num_queues: int, queue_size: int) -> tuple[int, int]:
+        if not self.device.supports_inflight:
+            raise Unsupported("GET_INFLIGHT_FD", f"{self.device.name} does not track requests in flight")
+        self._set_inflight(InflightArea.create(num_queues, queue_size))
+        assert self.inflight is not None
+        return os.dup(self.inflight.fd), self.inflight.size
+
+    def set_inflight(self, fd: int, desc: InflightDescription) -> None:
+        if not self.device.supports_inflight:
+            raise Unsupported("SET_INFLIGHT_FD", f"{self.device.name} does not track requests in flight")
+        # On failure the handler closes fd; on success the area owns it.
+        self._set_inflight(InflightArea(fd, desc.mmap_size, desc.mmap_offset, desc.num_queues,
+                                        desc.queue_size))
+
+    def _set_inflight(self, area: InflightArea | None) -> None:
+        old, self.inflight = self.inflight, area
+        if old is not None and old is not area:
+            if self.engines or self.queues:
+                log.warning("%s: in-flight area replaced under started rings", self.device.name)
+            old.close()
 
     def set_memory(self, regions: Sequence[RegionFd]) -> None:
         old = self.mem
@@ -315,10 +427,19 @@ class DeviceRuntime(BackendHooks):
                         queue.event_idx, queue.indirect)
         engine = self.device.create_engine(spec)
         self.vrings[vring.index] = vring
+        region = self.inflight.region(vring.index) if self.inflight is not None else None
+        if region is not None and region.queue_size != vring.num:
+            log.warning("%s: queue %d has %d entries, its in-flight region %d: not tracked",
+                        self.device.name, vring.index, vring.num, region.queue_size)
+            region = None
+        resubmit = 0
         if engine is not None:
             try:
                 engine.start(self.native_memory(), spec, vring.kick_fd,
                              self.call_fds.get(vring.index))
+                if region is not None:
+                    resubmit = engine.set_inflight(region)
+                engine.set_log(*self._ring_log(vring.index))
             except BaseException:
                 engine.close()
                 raise
@@ -329,11 +450,17 @@ class DeviceRuntime(BackendHooks):
                 engine.run()
             kind = "native engine"
         else:
+            if region is not None:
+                resubmit = queue.set_inflight(region, mem)
+            queue.set_log(*self._ring_log(vring.index))
             vq = VirtQueue(self, queue, mem)
             self.queues[vring.index] = vq
             if vring.kick_fd is not None:
                 self._watch_kick(vring.index, vring.kick_fd)
             kind = "python"
+        if resubmit:
+            log.warning("%s: queue %d: %d requests were in flight when the previous back end "
+                        "stopped; taking them again", self.device.name, vring.index, resubmit)
         log.info("%s: queue %d started (size %d, avail %d, used %d%s, %s)", self.device.name,
                  vring.index, vring.num, queue.next_avail, queue.next_used,
                  ", event idx" if queue.event_idx else "", kind)
@@ -430,6 +557,11 @@ class DeviceRuntime(BackendHooks):
         for index in list(self.queues) + list(self.engines):
             self.stop_vring(index)
         self.enabled.clear()
+        self.logging = False
+        if self.dirty_log is not None:
+            self.dirty_log.close()
+            self.dirty_log = None
+        self._set_inflight(None)
         self.call_fds.clear()
         self.device.reset()
 
@@ -449,6 +581,9 @@ class DeviceRuntime(BackendHooks):
     def _on_kick(self, index: int, fd: int) -> None:
         with contextlib.suppress(BlockingIOError, InterruptedError):
             os.read(fd, 8)
+        vq = self.queues.get(index)
+        if vq is not None:
+            vq.stats.kicks += 1
         self.schedule(index)
 
     def signal(self, index: int) -> None:
@@ -481,6 +616,7 @@ class DeviceRuntime(BackendHooks):
             if vq.stopped or vq.index not in self.enabled:
                 return
             vq.in_pass = True
+            vq.stats.wakeups += 1
             try:
                 await self.device.process_queue(vq)
             except GuestError as exc:
@@ -541,6 +677,23 @@ class DeviceRuntime(BackendHooks):
     def release(self) -> None:
         self._holds = max(0, self._holds - 1)
         self.resume()
+
+    def ring_backlog(self) -> int:
+        """Requests the driver has made available and not yet seen used, over
+        every started ring (avail.idx - used.idx, read from guest memory):
+        those in flight plus those still waiting in the rings."""
+        total = 0
+        mem = self.mem
+        for vring in list(self.vrings.values()):
+            if vring.addr is None:
+                continue
+            try:
+                avail = mem.frontend_to_guest(vring.addr.avail, 4)
+                used = mem.frontend_to_guest(vring.addr.used, 4)
+                total += (load_u16(mem, avail + 2) - load_u16(mem, used + 2)) & 0xFFFF
+            except GuestError:
+                continue
+        return total
 
     def engine_stats(self) -> dict[int, dict[str, object]]:
         """Counters of every native engine, by queue index (read without stopping them)."""

@@ -20,13 +20,16 @@ None is served on the Python path.
     close()                        free it
 
 `stats()` and `histogram()` copy the worker's counters and its latency
-histogram without stopping it.
+histogram without stopping it, from any thread (the metrics endpoint reads
+them from its HTTP thread); a lock orders them against `close()`, so a copy
+never reads an engine being freed (after `close()` they raise `EngineClosed`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,8 +37,9 @@ from ._native import ffi, lib
 from .errors import VdevError
 from .histogram import LatencyHistogram
 from .native import NativeMemory, ring_error
+from .tracking import DirtyLog, InflightRegion
 
-__all__ = ["NativeEngine", "RingSpec", "ENGINE_COUNTERS"]
+__all__ = ["ENGINE_COUNTERS", "EngineClosed", "NativeEngine", "RingSpec"]
 
 #: The per-queue counters every engine keeps (names as `stats()` returns them).
 ENGINE_COUNTERS = ("requests", "bytes_read", "bytes_written", "errors", "bad_chains", "kicks",
@@ -57,6 +61,10 @@ class RingSpec:
     indirect: bool
 
 
+class EngineClosed(VdevError):
+    """The engine was closed: it has no counters any more."""
+
+
 def _dup(fd: int | None) -> int:
     return -1 if fd is None else os.dup(fd)
 
@@ -75,8 +83,12 @@ class NativeEngine:
             err = ffi.errno
             raise VdevError(f"cannot create a native queue engine: {os.strerror(err)}")
         self._e: Any = cdata
+        #: Held around the copies and the free (copies come from other threads too).
+        self._lock = threading.Lock()
         self.poll_us = poll_us
         self._mem: NativeMemory | None = None
+        self._log: DirtyLog | None = None
+        self._region: InflightRegion | None = None
         self.index = -1
         self.started = False
         self.stopped = False
@@ -138,6 +150,22 @@ class NativeEngine:
     def set_kick(self, fd: int | None) -> None:
         lib.vd_engine_set_kick(self._e, _dup(fd))
 
+    def set_log(self, log: DirtyLog | None, log_used: bool, log_used_gpa: int) -> None:
+        """Log dirty pages into ``log`` (None: stop); only while held and idle (or not yet run)."""
+        rc = lib.vd_engine_set_log(self._e, ffi.NULL if log is None else log.cdata, log_used, log_used_gpa)
+        if rc:
+            raise MemoryError(f"queue {self.index}: cannot allocate the dirty-log bookkeeping")
+        self._log = log
+
+    def set_inflight(self, region: InflightRegion) -> int:
+        """Track requests in flight in ``region`` (before the first run); returns how many
+        requests of a previous back end will be taken again."""
+        n = lib.vd_engine_set_inflight(self._e, region.cdata)
+        if n < 0:
+            raise MemoryError(f"queue {self.index}: cannot allocate the resubmit list")
+        self._region = region
+        return int(n)
+
     def set_poll(self, poll_us: int) -> None:
         self.poll_us = poll_us
         lib.vd_engine_set_poll(self._e, poll_us)
@@ -150,14 +178,18 @@ class NativeEngine:
         return int(avail), int(used[0])
 
     def close(self) -> None:
-        if self._e is not None:
-            lib.vd_engine_free(self._e)
-            self._e = None
-            self._mem = None
+        with self._lock:
+            if self._e is not None:
+                lib.vd_engine_free(self._e)
+                self._e = None
+                self._mem = None
 
     def stats(self) -> dict[str, Any]:
         out = ffi.new("struct vd_engine_stats *")
-        lib.vd_engine_stats(self._e, out)
+        with self._lock:
+            if self._e is None:
+                raise EngineClosed(f"queue {self.index}: engine closed")
+            lib.vd_engine_stats(self._e, out)
         d: dict[str, Any] = {name: int(getattr(out, name)) for name in ENGINE_COUNTERS}
         d["by_type"] = [int(x) for x in out.by_type]
         d["broken"] = int(out.broken)
@@ -165,5 +197,8 @@ class NativeEngine:
 
     def histogram(self) -> LatencyHistogram:
         out = ffi.new("struct vd_hist *")
-        lib.vd_engine_hist(self._e, out)
+        with self._lock:
+            if self._e is None:
+                raise EngineClosed(f"queue {self.index}: engine closed")
+            lib.vd_engine_hist(self._e, out)
         return LatencyHistogram.from_cdata(out)

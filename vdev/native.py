@@ -23,6 +23,7 @@ from ._native import ffi, lib
 from .errors import GuestError
 from .memory import RegionTable
 from .queue import RING_ERROR_MESSAGES, Descriptor, DescriptorChain, RingError
+from .tracking import DirtyLog, InflightRegion
 
 __all__ = ["NativeMemory", "NativeQueue", "ring_error"]
 
@@ -93,6 +94,12 @@ class NativeQueue:
         self._chain.cap = size
         self._mem: NativeMemory | None = None
         self._started = False
+        self._log: tuple[DirtyLog | None, bool, int] = (None, False, 0)
+        self._region: InflightRegion | None = None
+
+    def __del__(self) -> None:
+        if getattr(self, "_started", False):
+            lib.vd_vring_fini(self._vr)
 
     def _bind(self, mem: RegionTable) -> Any:
         if self._mem is None or self._mem.table is not mem:
@@ -102,6 +109,7 @@ class NativeQueue:
                 rc = lib.vd_vring_init(self._vr, native.cdata, self.size, self.index, self.desc,
                                        self.avail, self.used, na, nu, self.event_idx, self.indirect)
                 self._started = True
+                self._apply_log()
             else:
                 rc = lib.vd_vring_set_mem(self._vr, native.cdata)
             if rc:
@@ -165,6 +173,22 @@ class NativeQueue:
                 exc.tail = Descriptor(c.tail.gpa, c.tail.len, c.tail.flags)
             raise exc
         return chain
+
+    def set_log(self, log: DirtyLog | None, log_used: bool = False, log_used_gpa: int = 0) -> None:
+        self._log = (log, log_used, log_used_gpa)
+        if self._started:
+            self._apply_log()
+
+    def _apply_log(self) -> None:
+        log, log_used, gpa = self._log
+        lib.vd_vring_set_log(self._vr, ffi.NULL if log is None else log.cdata, log_used, gpa)
+
+    def set_inflight(self, region: InflightRegion | None, mem: RegionTable) -> int:
+        self._region = region
+        n = lib.vd_vring_set_inflight(self._bind(mem), ffi.NULL if region is None else region.cdata)
+        if n < 0:
+            raise MemoryError("cannot allocate the resubmit list")
+        return int(n)
 
     def add_used(self, mem: RegionTable, head: int, length: int) -> None:
         if not 0 <= head < self.size:

@@ -54,9 +54,13 @@ import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .errors import GuestError
 from .memory import GuestMemory, load_u16, store_u16, store_u32_pair
+
+if TYPE_CHECKING:
+    from .tracking import DirtyLog, InflightRegion
 from .uapi.virtio import (
     DESC_SIZE,
     USED_ELEM_SIZE,
@@ -248,6 +252,14 @@ class Queue:
         self.indirect = indirect
         self.num_added = 0        # used entries added since the last needs_notification()
         self.broken: GuestError | None = None
+        # Dirty logging (vdev.tracking): None when off.
+        self.log: DirtyLog | None = None
+        self.log_used = False     # VHOST_VRING_F_LOG: log used-ring writes at log_used_gpa
+        self.log_used_gpa = 0
+        # In-flight tracking (vdev.tracking): None when off.
+        self.inflight: InflightRegion | None = None
+        self.inflight_counter = 0
+        self.resubmit: list[int] = []
 
     # -- layout ----------------------------------------------------------------
 
@@ -319,15 +331,24 @@ class Queue:
         """
         if self.broken is not None:
             raise self.broken
-        if self.pending(mem) == 0:
-            return None
-        slot = self.avail + 4 + 2 * (self.next_avail % self.size)
-        head = self._u16(mem, slot)
-        self.next_avail = (self.next_avail + 1) & 0xFFFF
-        if head >= self.size:
-            self.broken = GuestError(f"avail ring names descriptor {head}, queue size is {self.size}",
-                                     queue=self.index, code=RingError.HEAD_OUT_OF_RANGE)
-            raise self.broken
+        if self.resubmit:
+            # In flight when the previous back end died: taken again, oldest
+            # first, before anything new (still marked in flight).
+            head = self.resubmit.pop(0)
+        else:
+            if self.pending(mem) == 0:
+                return None
+            slot = self.avail + 4 + 2 * (self.next_avail % self.size)
+            head = self._u16(mem, slot)
+            self.next_avail = (self.next_avail + 1) & 0xFFFF
+            if head >= self.size:
+                self.broken = GuestError(f"avail ring names descriptor {head}, queue size is {self.size}",
+                                         queue=self.index, code=RingError.HEAD_OUT_OF_RANGE)
+                raise self.broken
+            if self.inflight is not None:
+                self.inflight.set_counter(head, self.inflight_counter)
+                self.inflight_counter += 1
+                self.inflight.set_inflight(head, 1)
         chain = DescriptorChain(self.index, head)
         try:
             self._walk(mem, chain)
@@ -406,12 +427,70 @@ class Queue:
         """Put ``head`` on the used ring with ``length`` bytes written, then publish used.idx."""
         if not 0 <= head < self.size:
             raise ValueError(f"head {head} out of range for queue size {self.size}")
-        elem = self.used + 4 + USED_ELEM_SIZE * (self.next_used % self.size)
-        store_u32_pair(mem, elem, head, length)
+        offset = 4 + USED_ELEM_SIZE * (self.next_used % self.size)
+        store_u32_pair(mem, self.used + offset, head, length)
+        self._log_used(offset, USED_ELEM_SIZE)
+        if self.inflight is not None:
+            self.inflight.last_batch_head = head      # a batch of one
         # The element is stored before the index (store-store order holds on x86).
         self.next_used = (self.next_used + 1) & 0xFFFF
         self._put_u16(mem, self.used + 2, self.next_used)
+        self._log_used(2, 2)
         self.num_added += 1
+        if self.inflight is not None:
+            self.inflight.set_inflight(head, 0)
+            self.inflight.used_idx = self.next_used
+
+    # -- dirty logging and in-flight tracking -------------------------------------------
+
+    def _log_used(self, offset: int, length: int) -> None:
+        if self.log is not None and self.log_used:
+            self.log.mark(self.log_used_gpa + offset, length)
+
+    def set_log(self, log: DirtyLog | None, log_used: bool = False, log_used_gpa: int = 0) -> None:
+        """Log dirty pages into ``log`` (None: stop); the used ring too when ``log_used``."""
+        self.log, self.log_used, self.log_used_gpa = log, log_used, log_used_gpa
+
+    def log_write(self, descs: list[Descriptor]) -> None:
+        """The device wrote (some of) these buffers: mark their pages dirty."""
+        if self.log is not None:
+            for d in descs:
+                self.log.mark(d.addr, d.len)
+
+    def set_inflight(self, region: InflightRegion | None, mem: GuestMemory) -> int:
+        """Track requests in ``region``; returns how many will be taken again.
+
+        A fresh region (version 0) is initialised.  Otherwise a batch that
+        was published but not cleared is settled, ``next_avail`` becomes
+        ``used.idx`` plus what was in flight, and those heads come first.
+        """
+        self.inflight, self.resubmit, self.inflight_counter = region, [], 0
+        if region is None:
+            return 0
+        used = self.used_idx(mem)
+        if region.version == 0:
+            for i in range(self.size):
+                region.set_inflight(i, 0)
+            region.desc_num = self.size
+            region.last_batch_head = 0
+            region.used_idx = used
+            region.version = 1
+            return 0
+        if region.used_idx != used:
+            # Died after publishing a batch, before clearing it.
+            head = region.last_batch_head
+            for _ in range((used - region.used_idx) & 0xFFFF):
+                if head >= self.size:
+                    break
+                nxt = region.next(head)
+                region.set_inflight(head, 0)
+                head = nxt
+            region.used_idx = used
+        self.resubmit = region.marked()
+        self.inflight_counter = max((region.counter(h) + 1 for h in self.resubmit), default=0)
+        self.next_used = used
+        self.next_avail = (used + len(self.resubmit)) & 0xFFFF
+        return len(self.resubmit)
 
     def needs_notification(self, mem: GuestMemory) -> bool:
         """Whether to interrupt the driver for the entries added since the last call (§2.7.10)."""
@@ -430,14 +509,17 @@ class Queue:
         if not self.event_idx:
             flags = self._u16(mem, self.used)
             self._put_u16(mem, self.used, flags | VIRTQ_USED_F_NO_NOTIFY)
+            self._log_used(0, 2)
 
     def enable_notification(self, mem: GuestMemory) -> bool:
         """Ask for kicks again; return True if chains arrived meanwhile (process them first)."""
         if self.event_idx:
             self._put_u16(mem, self.used + 4 + USED_ELEM_SIZE * self.size, self.next_avail)
+            self._log_used(4 + USED_ELEM_SIZE * self.size, 2)
         else:
             flags = self._u16(mem, self.used)
             self._put_u16(mem, self.used, flags & ~VIRTQ_USED_F_NO_NOTIFY)
+            self._log_used(0, 2)
         full_fence()   # §2.7.10: publish before re-reading avail.idx, or a kick can be missed
         return self.pending(mem) > 0
 

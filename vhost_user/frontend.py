@@ -28,6 +28,8 @@ from .messages import (
     Empty,
     FrontendReq,
     HeaderFlag,
+    InflightDescription,
+    LogDescription,
     MemoryRegion,
     MemoryTable,
     ProtocolFeature,
@@ -234,6 +236,39 @@ class Frontend:
 
     async def net_set_mtu(self, mtu: int) -> None:
         await self.call(FrontendReq.NET_SET_MTU, U64(mtu).pack())
+
+    # -- migration and reconnection ------------------------------------------------
+
+    async def set_log_base(self, fd: int, size: int, offset: int = 0) -> None:
+        """SET_LOG_BASE with the log's fd (LOG_SHMFD); waits for the u64 reply QEMU waits for.
+
+        Raises:
+            ProtocolError: the back end answered with a failure value.
+        """
+        async with self._lock:
+            await self.send(FrontendReq.SET_LOG_BASE, LogDescription(size, offset).pack(), (fd,))
+            raw = await self.read_reply(FrontendReq.SET_LOG_BASE)
+        value = U64.unpack(raw.data).value
+        if value != 0:
+            raise ProtocolError("back-end could not map the dirty log", request="SET_LOG_BASE",
+                                value=value)
+
+    async def set_log_fd(self, fd: int) -> None:
+        await self.call(FrontendReq.SET_LOG_FD, b"", (fd,))
+
+    async def get_inflight_fd(self, num_queues: int, queue_size: int) -> tuple[int, InflightDescription]:
+        """GET_INFLIGHT_FD: the back end's in-flight area (its fd is now the caller's)."""
+        raw = await self.call(FrontendReq.GET_INFLIGHT_FD,
+                              InflightDescription(0, 0, num_queues, queue_size).pack())
+        assert raw is not None
+        desc = InflightDescription.unpack(raw.data)
+        if len(raw.fds) != 1 or desc.mmap_size == 0:
+            close_fds(raw.fds)
+            raise ProtocolError("GET_INFLIGHT_FD failed", request="GET_INFLIGHT_FD", value=desc)
+        return raw.fds[0], desc
+
+    async def set_inflight_fd(self, fd: int, desc: InflightDescription) -> None:
+        await self.call(FrontendReq.SET_INFLIGHT_FD, desc.pack(), (fd,))
 
     async def set_backend_req_fd(self) -> None:
         """Create the back-end channel, hand one end over, and serve the other."""

@@ -45,6 +45,7 @@ from .messages import (
     FrontendReq,
     HeaderFlag,
     InflightDescription,
+    LogDescription,
     MemoryRegion,
     MemoryTable,
     ProtocolFeature,
@@ -66,6 +67,8 @@ HANDLER_PROTOCOL_FEATURES = (ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK
 MAX_MEM_SLOTS = 509
 #: Largest split-ring size (virtio 1.2 §2.7: Queue Size ≤ 32768, a power of 2).
 MAX_SPLIT_QUEUE_SIZE = 32768
+#: virtio 1.2 §2.1 device status: the driver is set up and ready to drive the device.
+VIRTIO_STATUS_DRIVER_OK = 4
 
 
 @dataclass
@@ -165,6 +168,23 @@ class BackendHooks(abc.ABC):
     def reset(self) -> None:
         """RESET_DEVICE or a disconnect: return to the initial state."""
 
+    def get_inflight(self, num_queues: int, queue_size: int) -> tuple[int, int]:
+        """GET_INFLIGHT_FD: make a zeroed in-flight area; return (an fd to send, its size)."""
+        raise Unsupported("GET_INFLIGHT_FD", "this device does not track requests in flight")
+
+    def set_inflight(self, fd: int, desc: InflightDescription) -> None:
+        """SET_INFLIGHT_FD: use the front-end's area (the hook owns ``fd`` once it returns;
+        if it raises, the handler closes it)."""
+        raise Unsupported("SET_INFLIGHT_FD", "this device does not track requests in flight")
+
+    def set_log_base(self, fd: int, desc: LogDescription) -> None:
+        """SET_LOG_BASE: the dirty log to set bits in (the hook owns ``fd`` once it returns;
+        if it raises, the handler closes it)."""
+        raise Unsupported("SET_LOG_BASE", "this device does not log dirty pages")
+
+    def set_vring_log(self, index: int) -> None:
+        """A started ring's VHOST_VRING_F_LOG or log address changed (see its ``addr``)."""
+
     async def drain(self, index: int | None) -> None:
         """Make ring ``index`` (None: every ring) quiet before a request that needs it:
         nothing in flight, nothing taken until `resume`.  The server awaits it
@@ -211,6 +231,8 @@ class BackendHandler:
         self.hooks = hooks
         self.vrings = [Vring(i) for i in range(hooks.num_queues)]
         self.state = _State()
+        #: The last request handled (for the diagnosis when the front-end leaves).
+        self.last_request: FrontendReq | None = None
 
     # -- what we offer -----------------------------------------------------
 
@@ -262,13 +284,24 @@ class BackendHandler:
                 # process_queue; the hooks' cleanup paths already cover any exception.
                 log.exception("request %s: unexpected error in a device hook", name)
                 error = ProtocolError(f"{name} failed: {exc!r}", request=name)
+        if isinstance(msg.request, FrontendReq):
+            self.last_request = msg.request
         if error is not None:
             level = logging.INFO if isinstance(error, Unsupported) else logging.WARNING
             log.log(level, "request %s failed: %s", name, error)
         if spec is not None and spec.reply is not None:
+            fds: tuple[int, ...] = ()
+            if error is None and isinstance(result, tuple):
+                result, fds = result          # a reply that carries fds (GET_INFLIGHT_FD)
             payload = result if error is None else self._failure_reply(msg)
             assert payload is not None
-            return Reply(encode(msg.request, payload.pack(), flags=HeaderFlag.REPLY))
+            return Reply(encode(msg.request, payload.pack(), flags=HeaderFlag.REPLY), fds)
+        if (msg.request is FrontendReq.SET_LOG_BASE
+                and self.state.acked_protocol & ProtocolFeature.LOG_SHMFD):
+            # QEMU waits for a reply to SET_LOG_BASE with LOG_SHMFD (it is not in
+            # the spec's reply column): a u64, 0 once the log is mapped.
+            return Reply(encode(msg.request, U64(0 if error is None else 1).pack(),
+                                flags=HeaderFlag.REPLY))
         if msg.need_reply:
             if self.state.acked_protocol & ProtocolFeature.REPLY_ACK:
                 return Reply(encode(msg.request, U64(0 if error is None else 1).pack(),
@@ -381,6 +414,7 @@ class BackendHandler:
                 self.hooks.set_vring_enabled(vring.index, False)
 
     def _on_get_queue_num(self, msg: Message) -> U64:
+        log.info("front-end asked for the queue count: %d offered", len(self.vrings))
         return U64(len(self.vrings))
 
     # -- memory --------------------------------------------------------------
@@ -477,10 +511,17 @@ class BackendHandler:
         assert isinstance(msg.payload, VringAddr)
         vring = self._vring(msg.payload.index, msg.request)
         if vring.started:
-            # QEMU re-sends the address to toggle used-ring logging during migration;
-            # we do not offer LOG_ALL, so a running ring keeps the addresses it has.
-            raise ProtocolError("SET_VRING_ADDR on a started ring", request=msg.request.name,
-                                value=vring.index)
+            # QEMU re-sends the address of a running ring to turn used-ring
+            # logging on or off during migration (VHOST_VRING_F_LOG): only the
+            # flags and the log address may change then.
+            old, new = vring.addr, msg.payload
+            assert old is not None
+            if (old.desc, old.avail, old.used) != (new.desc, new.avail, new.used):
+                raise ProtocolError("SET_VRING_ADDR moves a started ring", request=msg.request.name,
+                                    value=vring.index)
+            vring.addr = new
+            self.hooks.set_vring_log(vring.index)
+            return
         vring.addr = msg.payload
 
     def _on_set_vring_base(self, msg: Message) -> None:
@@ -584,6 +625,49 @@ class BackendHandler:
 
     # -- config, status, channel, reset ----------------------------------------
 
+    # -- migration and reconnection -----------------------------------------------
+
+    def _on_set_log_base(self, msg: Message) -> None:
+        assert isinstance(msg.payload, LogDescription)
+        if len(msg.fds) != 1:
+            close_fds(msg.fds)
+            raise Unsupported(msg.request.name, "a log base without an fd (no LOG_SHMFD) is not "
+                                                "supported: the back end cannot reach QEMU's memory")
+        try:
+            self.hooks.set_log_base(msg.fds[0], msg.payload)
+        except BaseException:
+            close_fds(msg.fds)      # the hook owns the fd only once it succeeded
+            raise
+
+    def _on_set_log_fd(self, msg: Message) -> None:
+        # An eventfd to signal after logging; QEMU reads the log when it syncs
+        # anyway, so we do not use it.
+        close_fds(msg.fds)
+        if not self.offered_protocol_features & ProtocolFeature.LOG_SHMFD:
+            raise Unsupported(msg.request.name, "this back end does not log dirty pages")
+
+    def _on_get_inflight_fd(self, msg: Message) -> tuple[InflightDescription, tuple[int, ...]]:
+        assert isinstance(msg.payload, InflightDescription)
+        d = msg.payload
+        if not 1 <= d.num_queues <= len(self.vrings) or not 1 <= d.queue_size <= MAX_SPLIT_QUEUE_SIZE:
+            raise ProtocolError("GET_INFLIGHT_FD for an impossible queue layout",
+                                request=msg.request.name, value=(d.num_queues, d.queue_size))
+        fd, size = self.hooks.get_inflight(d.num_queues, d.queue_size)
+        return InflightDescription(size, 0, d.num_queues, d.queue_size), (fd,)
+
+    def _on_set_inflight_fd(self, msg: Message) -> None:
+        assert isinstance(msg.payload, InflightDescription)
+        d = msg.payload
+        if not 1 <= d.num_queues <= len(self.vrings) or not 1 <= d.queue_size <= MAX_SPLIT_QUEUE_SIZE:
+            close_fds(msg.fds)
+            raise ProtocolError("SET_INFLIGHT_FD for an impossible queue layout",
+                                request=msg.request.name, value=(d.num_queues, d.queue_size))
+        try:
+            self.hooks.set_inflight(msg.fds[0], d)
+        except BaseException:
+            close_fds(msg.fds)      # the hook owns the fd only once it succeeded
+            raise
+
     def _on_get_config(self, msg: Message) -> ConfigSpace:
         assert isinstance(msg.payload, ConfigSpace)
         p = msg.payload
@@ -608,6 +692,10 @@ class BackendHandler:
         if msg.payload.value > 0xFF:
             raise ProtocolError("device status is one byte", request=msg.request.name,
                                 value=msg.payload.value)
+        if msg.payload.value & VIRTIO_STATUS_DRIVER_OK and not self.state.status & VIRTIO_STATUS_DRIVER_OK:
+            started = [v.index for v in self.vrings if v.started]
+            log.info("front-end set DRIVER_OK with %d of the %d queues offered started%s", len(started),
+                     len(self.vrings), f" ({', '.join(map(str, started))})" if started else "")
         self.state.status = msg.payload.value
         self.hooks.set_status(msg.payload.value)
 
@@ -659,6 +747,15 @@ class BackendHandler:
 
     def close(self) -> None:
         """The connection ended: stop everything and release every fd."""
+        if self.last_request is FrontendReq.GET_QUEUE_NUM:
+            # QEMU asks GET_QUEUE_NUM while it sets up and gives up at once
+            # when the answer is below its num-queues ("The maximum number of
+            # queues supported by the backend is N"); nothing else comes.
+            log.warning("front-end disconnected right after asking for the queue count, which was "
+                        "%d: it probably wants more queues than this back end offers (QEMU's "
+                        "num-queues, by default one per vCPU); start the back end with at least "
+                        "as many queues (vdev: --queues N)", len(self.vrings))
+        self.last_request = None
         self.reset_device()
         self.state.acked_protocol = ProtocolFeature(0)
         if self.state.regions:

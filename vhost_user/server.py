@@ -56,7 +56,11 @@ _RECV_SIZE = 65536
 _CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 #: Requests before which in-flight device work must finish.
 _DRAIN_BEFORE = {FrontendReq.GET_VRING_BASE, FrontendReq.RESET_DEVICE, FrontendReq.SET_MEM_TABLE,
-                 FrontendReq.ADD_MEM_REG, FrontendReq.REM_MEM_REG, FrontendReq.RESET_OWNER}
+                 FrontendReq.ADD_MEM_REG, FrontendReq.REM_MEM_REG, FrontendReq.RESET_OWNER,
+                 # what turns dirty logging on or off, or swaps the log, under running rings
+                 FrontendReq.SET_FEATURES, FrontendReq.SET_LOG_BASE, FrontendReq.SET_VRING_ADDR}
+#: Requests whose drain concerns only the ring the payload names.
+_DRAIN_ONE = {FrontendReq.GET_VRING_BASE, FrontendReq.SET_VRING_ADDR}
 #: How long to wait for the front-end's ack on the back-end channel.
 BACKEND_ACK_TIMEOUT = 5.0
 #: How long a reply may wait for a front-end that does not read.
@@ -272,7 +276,7 @@ class Connection:
             log.debug("<- %s %s fds=%s", msg.request.name, msg.payload, msg.fds)
             if msg.request in _DRAIN_BEFORE:
                 index = getattr(msg.payload, "index", None)
-                await self._drain(index if msg.request is FrontendReq.GET_VRING_BASE else None)
+                await self._drain(index if msg.request in _DRAIN_ONE else None)
                 try:
                     reply = self.handler.handle(msg)
                 finally:
@@ -288,7 +292,10 @@ class Connection:
             log.debug("-> reply %d bytes", len(reply.data))
             # A front-end that pipelines without reading makes this wait (up
             # to SEND_TIMEOUT) instead of failing or blocking the loop.
-            await send_message(self.sock, reply.data, reply.fds)
+            try:
+                await send_message(self.sock, reply.data, reply.fds)
+            finally:
+                close_fds(reply.fds)     # dups made for the reply; the front-end has its own now
 
     async def backend_request(self, request: BackendReq, payload: bytes = b"") -> int | None:
         """Send a back-end request (e.g. CONFIG_CHANGE_MSG); return the ack value if one was asked.

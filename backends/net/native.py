@@ -5,7 +5,8 @@
   and its two rings.
 * `NetQueueEngine` — one ring of a port, behind the `NativeEngine`
   interface the runtime drives per ring index (start, run, hold,
-  set_enabled, set_memory, set_call, set_kick, stop, stats, histogram).
+  set_enabled, set_memory, set_call, set_kick, set_log, stop, stats,
+  histogram).
   The two rings of a pair are started separately by the runtime; they
   meet in the port they share.
 
@@ -16,13 +17,15 @@ transmitq is 2i+1.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 from vdev._native import ffi, lib
-from vdev.engine import NativeEngine, RingSpec
+from vdev.engine import EngineClosed, NativeEngine, RingSpec
 from vdev.errors import VdevError
 from vdev.histogram import LatencyHistogram
 from vdev.native import NativeMemory, ring_error
+from vdev.tracking import DirtyLog
 
 __all__ = ["NET_COUNTERS", "RX", "TX", "NativePort", "NetConfigC", "NetQueueEngine"]
 
@@ -69,6 +72,8 @@ class NativePort:
         if cdata == ffi.NULL:
             raise VdevError(f"cannot start the worker of queue pair {pair}: {os.strerror(ffi.errno)}")
         self.cdata: Any = cdata
+        #: Orders counter copies (any thread: metrics, control) against `close`.
+        self._lock = threading.Lock()
         self.cfg = cfg          # the C side points at it: keep it alive
         self.pair = pair
         self.peer: NativePort | None = None
@@ -92,20 +97,28 @@ class NativePort:
         return int(lib.vd_net_port_inject(self.cdata, frame, len(frame)))
 
     def ring_stats(self, which: int) -> dict[str, int]:
+        """Raises EngineClosed once the port is closed."""
         out = ffi.new("struct vd_net_stats *")
-        lib.vd_net_ring_stats(self.cdata, which, out)
+        with self._lock:
+            if self.cdata is None:
+                raise EngineClosed(f"queue pair {self.pair}: closed")
+            lib.vd_net_ring_stats(self.cdata, which, out)
         return {name: int(getattr(out, name)) for name in NET_COUNTERS}
 
     def ring_histogram(self, which: int) -> LatencyHistogram:
         out = ffi.new("struct vd_hist *")
-        lib.vd_net_ring_hist(self.cdata, which, out)
+        with self._lock:
+            if self.cdata is None:
+                raise EngineClosed(f"queue pair {self.pair}: closed")
+            lib.vd_net_ring_hist(self.cdata, which, out)
         return LatencyHistogram.from_cdata(out)
 
     def close(self) -> None:
         """End the worker and free the port; peers must have been unlinked first."""
-        if self.cdata is not None:
-            lib.vd_net_port_free(self.cdata)
-            self.cdata = None
+        with self._lock:
+            if self.cdata is not None:
+                lib.vd_net_port_free(self.cdata)
+                self.cdata = None
 
 
 class NetQueueEngine(NativeEngine):
@@ -166,6 +179,12 @@ class NetQueueEngine(NativeEngine):
 
     def set_kick(self, fd: int | None) -> None:
         lib.vd_net_ring_set_kick(self.port.cdata, self.which, -1 if fd is None else os.dup(fd))
+
+    def set_log(self, log: DirtyLog | None, log_used: bool, log_used_gpa: int) -> None:
+        """Migration: log the receive buffers written and (``log_used``) the used ring."""
+        lib.vd_net_ring_set_log(self.port.cdata, self.which, ffi.NULL if log is None else log.cdata,
+                                log_used, log_used_gpa)
+        self._log = log         # the C side points at it: keep it alive
 
     def set_poll(self, poll_us: int) -> None:
         """Net workers sleep on their fds; busy-polling is not offered."""

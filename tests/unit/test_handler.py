@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import os
 from collections.abc import Sequence
@@ -20,6 +22,7 @@ from vhost_user.handler import (
 )
 from vhost_user.messages import (
     VHOST_USER_F_PROTOCOL_FEATURES,
+    VHOST_VRING_F_LOG,
     BackendReq,
     ConfigFlag,
     ConfigSpace,
@@ -472,8 +475,20 @@ def test_started_ring_refuses_reconfiguration(wire: Wire, hooks: RecordingHooks,
     setup_ring(wire, fds)
     assert wire.ack(FrontendReq.SET_VRING_NUM, VringState(0, 32)) == 1
     assert wire.ack(FrontendReq.SET_VRING_BASE, VringState(0, 1)) == 1
-    assert wire.ack(FrontendReq.SET_VRING_ADDR, ADDR0) == 1
+    moved = dataclasses.replace(ADDR0, desc=ADDR0.desc + 0x1000)
+    assert wire.ack(FrontendReq.SET_VRING_ADDR, moved) == 1
     assert wire.handler.vrings[0].num == 64 and wire.handler.vrings[0].base == 0
+    assert wire.handler.vrings[0].addr == ADDR0
+
+
+def test_started_ring_takes_a_log_flag_change(wire: Wire, hooks: RecordingHooks, fds: Fds) -> None:
+    # QEMU turns used-ring logging on for migration by re-sending the same
+    # addresses with VHOST_VRING_F_LOG and the log address.
+    wire.handshake(features=VERSION_1)
+    setup_ring(wire, fds)
+    logged = dataclasses.replace(ADDR0, flags=VHOST_VRING_F_LOG, log=0x4000)
+    assert wire.ack(FrontendReq.SET_VRING_ADDR, logged) == 0
+    assert wire.handler.vrings[0].addr == logged
 
 
 def test_split_ring_base_above_16_bits(wire: Wire, errors) -> None:

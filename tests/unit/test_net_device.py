@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import mmap
+import os
 import struct
 from collections.abc import AsyncIterator
 
@@ -28,6 +30,12 @@ from backends.net.testing import (
     verify_l4_checksum,
 )
 from vdev.testing import Buffer, Used, VirtioFrontend, device_pair
+from vhost_user.messages import (
+    VHOST_F_LOG_ALL,
+    VHOST_VRING_F_LOG,
+    ProtocolFeature,
+    VringAddr,
+)
 
 # ---- the wire format, spelled out here rather than imported ------------------------------
 F_CSUM = 1 << 0
@@ -43,6 +51,7 @@ RX, TX = 0, 1
 MAC_A = bytes.fromhex("525400aaaaaa")
 MAC_B = bytes.fromhex("525400bbbbbb")
 BCAST = b"\xff" * 6
+LOG_PAGE = 4096
 
 
 def frame_of(payload: bytes, src: bytes = MAC_A, dst: bytes = BCAST) -> bytes:
@@ -425,3 +434,51 @@ async def test_malformed_transmit_chains_are_returned_and_counted(case: str) -> 
         (rx,) = await vm.wait_used(RX, 1)
         assert received([rx])[1] == frame
         assert dev.queue_stats()[RX]["frames"] == 1
+
+
+async def test_dirty_log_marks_the_receive_buffers_written_and_the_used_ring() -> None:
+    """Live migration (LOG_SHMFD + LOG_ALL): the pages of the receive buffers
+    a frame was written into, and the used ring's, are marked in the log; the
+    buffer the frame did not reach is not; with logging off nothing is."""
+    async with loopback() as (_dev, vm):
+        assert vm.protocol & ProtocolFeature.LOG_SHMFD
+        size = (16 << 20) // LOG_PAGE // 8
+        fd = os.memfd_create("test-log", os.MFD_CLOEXEC)
+        os.ftruncate(fd, size)
+        log = mmap.mmap(fd, size)
+        try:
+            await vm.fe.set_log_base(fd, size)
+            await vm.fe.set_features(vm.features | VHOST_F_LOG_ALL)
+            q = vm.queues[RX]
+            log_gpa = 0x800000
+            await vm.fe.set_vring_addr(VringAddr(RX, VHOST_VRING_F_LOG, vm.mem.guest_to_frontend(q.desc),
+                                                 vm.mem.guest_to_frontend(q.used),
+                                                 vm.mem.guest_to_frontend(q.avail), log_gpa))
+
+            def dirty(gpa: int) -> bool:
+                page = gpa // LOG_PAGE
+                return bool(log[page // 8] & (1 << (page % 8)))
+
+            # Buffers of two pages: the page holding gpa + 4096 lies wholly
+            # inside each, past its first byte.
+            posted = []
+            for _ in range(3):
+                vm.post(RX, [Buffer.writable(2 * LOG_PAGE)])
+                posted.append(vm.last_buffers[0][0])
+            frame = frame_of(b"m" * (2 * LOG_PAGE - 12 - 14 + 1))   # the first buffer and 1 byte
+            send(vm, frame)
+            got = await vm.wait_used(RX, 2)
+            assert received(got)[1] == frame and got[1].length == 1
+            assert [dirty(posted[0]), dirty(posted[0] + LOG_PAGE), dirty(posted[1])] == [True] * 3
+            assert [dirty(posted[1] + LOG_PAGE), dirty(posted[2]), dirty(posted[2] + LOG_PAGE)] == [False] * 3
+            assert dirty(log_gpa) and dirty(log_gpa + 4)      # used.idx and the elements
+            # Logging off: nothing more is marked.
+            log[:] = bytes(size)
+            await vm.fe.set_features(vm.features & ~VHOST_F_LOG_ALL)
+            send(vm, frame_of(b"unlogged"))
+            await vm.wait_used(RX, 1)
+            assert log[:] == bytes(size)
+        finally:
+            log.close()
+            os.close(fd)
+

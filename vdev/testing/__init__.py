@@ -323,6 +323,7 @@ class VirtioFrontend:
             self._loop.add_reader(fd, self._on_call, i, fd)
         self.interrupts = [0] * len(calls)
         self.wakeups = [0] * len(calls)
+        self.last_buffers: list[tuple[int, int, bool]] = []
 
     @classmethod
     async def start(cls, path: str, *, num_queues: int | None = None, queue_size: int = 128,
@@ -386,6 +387,8 @@ class VirtioFrontend:
     def post(self, index: int, buffers: Sequence[Buffer], *, indirect: bool = False,
              kick: bool = True) -> int:
         head = self.queues[index].add_chain(buffers, indirect=indirect)
+        #: (gpa, length, writable) of the chain just posted, for tests that look at addresses.
+        self.last_buffers = list(self.queues[index].chains[head][1])
         if kick:
             self.kick(index)
         return head
@@ -411,6 +414,20 @@ class VirtioFrontend:
         (used,) = await self.wait_used(index, 1, timeout)
         assert used.head == head, (used.head, head)
         return used
+
+    async def restart_ring(self, index: int, base: int) -> None:
+        """Start ring ``index`` again at avail index ``base`` on the same memory and
+        eventfds, as QEMU does after a stop or a back-end reconnect."""
+        q = self.queues[index]
+        await self.fe.set_vring_num(index, q.size)
+        await self.fe.set_vring_base(index, base)
+        await self.fe.set_vring_addr(VringAddr(index, 0, self.mem.guest_to_frontend(q.desc),
+                                               self.mem.guest_to_frontend(q.used),
+                                               self.mem.guest_to_frontend(q.avail)))
+        await self.fe.set_vring_kick(index, self.kicks[index])
+        await self.fe.set_vring_call(index, self.calls[index])
+        if self.features & VHOST_USER_F_PROTOCOL_FEATURES:
+            await self.fe.set_vring_enable(index, True)
 
     async def stop(self) -> list[int]:
         """Stop every ring the way QEMU does (disable, then GET_VRING_BASE)."""

@@ -29,12 +29,14 @@ Needs hypothesis (the ``test`` extra).
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Callable
 from typing import Any
 
 from ..errors import GuestError
 from ..memory import RegionTable, store_u16
+from ..tracking import DirtyLog, InflightArea
 from ..queue import DescriptorChain, Queue
 from ..uapi.virtio import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 
@@ -53,6 +55,8 @@ _ADDRS = (0x1000, 0x1800, 0x2FF0, 0x3FF8,   # in memory; 0x3FF8 + 16 crosses int
           (1 << 64) - 8)                     # wraps past the top of the address space
 _LENS = (0, 1, 16, 100, 0x800, 0x5000, (1 << 32) - 1)
 _INDEX = 5
+_LOG_BYTES = 64                 # 512 pages: the first 2 MiB of guest-physical space
+_LOG_USED_GPA = 0x7000          # where the used ring is logged (any address inside the log)
 
 
 def _outcome(fn: Callable[[], Any]) -> tuple[Any, ...]:
@@ -69,26 +73,65 @@ def _outcome(fn: Callable[[], Any]) -> tuple[Any, ...]:
 
 
 class _Side:
-    """One implementation under test, with its own copy of guest memory."""
+    """One implementation under test, with its own copy of guest memory (and,
+    with ``tracking``, its own in-flight region and dirty log)."""
 
     def __init__(self, factory: QueueFactory, size: int, start: int, event_idx: bool,
-                 indirect: bool) -> None:
+                 indirect: bool, tracking: bool = False) -> None:
         from . import FakeGuestMemory
 
+        self.factory = factory
         self.mem: RegionTable = FakeGuestMemory(regions=_REGIONS)
         self.desc = 0
         self.avail = 16 * size
         self.used = (self.avail + 6 + 2 * size + 3) // 4 * 4
         self.size = size
+        self.start = start
+        self.event_idx, self.indirect = event_idx, indirect
         self.avail_idx = start
         store_u16(self.mem, self.avail + 2, start)
         store_u16(self.mem, self.used + 2, start)
-        self.queue = factory(size, self.desc, self.avail, self.used, index=_INDEX, next_avail=start,
-                             next_used=start, event_idx=event_idx, indirect=indirect)
+        self.area: InflightArea | None = None
+        self.log: DirtyLog | None = None
+        self._log_fd = -1
+        if tracking:
+            self.area = InflightArea.create(1, size)
+            self._log_fd = os.memfd_create("vdev-test-log", os.MFD_CLOEXEC)
+            os.ftruncate(self._log_fd, _LOG_BYTES)
+            self.log = DirtyLog(self._log_fd, _LOG_BYTES)
+        self.queue = self._new_queue(start)
         self.popped: list[int] = []
 
+    def _new_queue(self, next_avail: int) -> Any:
+        q = self.factory(self.size, self.desc, self.avail, self.used, index=_INDEX, next_avail=next_avail,
+                         next_used=next_avail, event_idx=self.event_idx, indirect=self.indirect)
+        self.resubmitted = 0
+        if self.area is not None:
+            q.set_log(self.log, True, _LOG_USED_GPA)
+            self.resubmitted = q.set_inflight(self.area.region(0), self.mem)
+        return q
+
+    def restart(self) -> tuple[Any, ...]:
+        """A new incarnation of the back end on the same memory and region (after a crash)."""
+        self.queue = self._new_queue(self.start)
+        self.popped = []
+        return ("value", self.resubmitted, self.queue.next_avail)
+
     def snapshot(self) -> bytes:
-        return b"".join(bytes(r.data) for r in self.mem.regions)
+        out = b"".join(bytes(r.data) for r in self.mem.regions)
+        if self.area is not None and self.log is not None:
+            region = self.area.region(0)
+            assert region is not None
+            out += bytes(region.view) + bytes(self.log._view)
+        return out
+
+    def close(self) -> None:
+        self.queue = None
+        if self.log is not None:
+            self.log.close()
+            os.close(self._log_fd)
+        if self.area is not None:
+            self.area.close()
 
     # -- driver actions (identical on both sides) ---------------------------------------
 
@@ -130,7 +173,7 @@ def _scenarios() -> Any:
     from hypothesis import strategies as st
 
     @st.composite
-    def scenario(draw: Any) -> tuple[int, int, bool, bool, list[tuple[Any, ...]]]:
+    def scenario(draw: Any) -> tuple[int, int, bool, bool, list[tuple[Any, ...]], bool]:
         size = draw(st.sampled_from([2, 4, 8, 16]))
         start = draw(st.sampled_from([0, 1, 0xFFFF - size, 0xFFFE]))
         event_idx = draw(st.booleans())
@@ -175,17 +218,30 @@ def _scenarios() -> Any:
             st.tuples(st.just("used_event"), st.integers(0, 0xFFFF)),
             st.tuples(st.just("avail_flags"), st.sampled_from([0, 1])),
             st.tuples(st.just("jump"), st.integers(0, size + 3)),
+            st.tuples(st.just("restart")),
         )
         ops = draw(st.lists(op, min_size=1, max_size=40))
-        return size, start, event_idx, indirect, ops
+        tracking = draw(st.booleans())
+        if not tracking:
+            ops = [o for o in ops if o[0] != "restart"]
+        return size, start, event_idx, indirect, ops, tracking
 
     return scenario()
 
 
 def _run(factory: QueueFactory, size: int, start: int, event_idx: bool, indirect: bool,
-         ops: list[tuple[Any, ...]]) -> None:
-    ref = _Side(Queue, size, start, event_idx, indirect)
-    sut = _Side(factory, size, start, event_idx, indirect)
+         ops: list[tuple[Any, ...]], tracking: bool = False) -> None:
+    ref = _Side(Queue, size, start, event_idx, indirect, tracking)
+    sut = _Side(factory, size, start, event_idx, indirect, tracking)
+    try:
+        _steps(ref, sut, size, start, event_idx, indirect, ops)
+    finally:
+        ref.close()
+        sut.close()
+
+
+def _steps(ref: _Side, sut: _Side, size: int, start: int, event_idx: bool, indirect: bool,
+           ops: list[tuple[Any, ...]]) -> None:
     for step, op in enumerate(ops):
         outs = []
         for side in (ref, sut):
@@ -227,6 +283,8 @@ def _run(factory: QueueFactory, size: int, start: int, event_idx: bool, indirect
                 out = _outcome(lambda s=side: s.queue.disable_notification(s.mem))
             elif kind == "enable":
                 out = _outcome(lambda s=side: s.queue.enable_notification(s.mem))
+            elif kind == "restart":
+                out = side.restart()
             else:   # pragma: no cover
                 raise AssertionError(op)
             outs.append(out)
@@ -239,7 +297,7 @@ def _run(factory: QueueFactory, size: int, start: int, event_idx: bool, indirect
 
 #: Scenarios run before the generated ones, every time: the cases a queue most
 #: often gets wrong, so no run depends on the generator's luck to try them.
-FIXED_SCENARIOS: tuple[tuple[int, int, bool, bool, list[tuple[Any, ...]]], ...] = (
+FIXED_SCENARIOS: tuple[tuple[Any, ...], ...] = (
     # a request whose data buffer is outside memory, with a sound status byte (the tail)
     (4, 0, False, True, [("chain", 0, [(0x1000, 16, False), (0x9000, 16, False), (0x2FF0, 1, True)]),
                          ("pop",), ("complete", 1), ("notify",)]),
@@ -254,6 +312,14 @@ FIXED_SCENARIOS: tuple[tuple[int, int, bool, bool, list[tuple[Any, ...]]], ...] 
     # NO_INTERRUPT without EVENT_IDX, then a jump that breaks the queue
     (4, 0, False, False, [("avail_flags", 1), ("chain", 0, [(0x1000, 8, True)]), ("pop",), ("complete", 8),
                           ("notify",), ("jump", 7), ("pop",), ("enable",)]),
+    # in-flight tracking: three taken, one answered, the back end dies and a new
+    # one takes the other two again (oldest first); then a crash after a batch
+    (8, 0xFFFE, True, True, [("chain", 0, [(0x1000, 16, False), (0x2FF0, 1, True)]),
+                             ("chain", 2, [(0x1000, 16, False), (0x2FF0, 1, True)]),
+                             ("chain", 4, [(0x1000, 16, False), (0x2FF0, 1, True)]),
+                             ("pop",), ("pop",), ("pop",), ("complete", 1), ("notify",), ("restart",),
+                             ("pop",), ("pop",), ("pop",), ("complete", 1), ("complete", 1),
+                             ("restart",), ("pop",), ("enable",)], True),
     # an indirect table as long as the queue after a direct buffer: one too many
     (4, 0, False, True, [("table", 0, (0x1000, 8, 1, 1)), ("table", 1, (0x1800, 8, 1, 2)),
                          ("table", 2, (0x2000, 8, 1, 3)), ("table", 3, (0x2800, 8, 2, 0)),
@@ -278,7 +344,7 @@ def check_queue(factory: QueueFactory, *, max_examples: int = 300, shrink: bool 
     @settings(max_examples=max_examples, deadline=None, suppress_health_check=list(HealthCheck),
               phases=phases)
     @given(_scenarios())
-    def run(case: tuple[int, int, bool, bool, list[tuple[Any, ...]]]) -> None:
+    def run(case: tuple[int, int, bool, bool, list[tuple[Any, ...]], bool]) -> None:
         _run(factory, *case)
 
     run()

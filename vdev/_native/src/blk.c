@@ -117,6 +117,29 @@ static void write_ref_put(struct vd_blk_storage *st)
     pthread_mutex_unlock(&st->lock);
 }
 
+/* ---- the dirty bitmap of a running mirror ------------------------------------------ */
+
+void vd_bitmap_mark(uint64_t *bits, uint64_t nbits, uint32_t shift, uint64_t off, uint64_t len)
+{
+    if (bits == NULL || len == 0)
+        return;
+    uint64_t first = off >> shift, last = (off + len - 1) >> shift;
+    if (last >= nbits)
+        last = nbits - 1;
+    for (uint64_t b = first; b <= last && b < nbits; b++)
+        __atomic_fetch_or(&bits[b / 64], (uint64_t)1 << (b % 64), __ATOMIC_RELEASE);
+}
+
+uint64_t vd_bitmap_take(uint64_t *bits, uint64_t word)
+{
+    return __atomic_exchange_n(&bits[word], 0, __ATOMIC_ACQ_REL);
+}
+
+static void mark_dirty(const struct vd_blk_config *cfg, uint64_t off, uint64_t len)
+{
+    vd_bitmap_mark(cfg->dirty, cfg->dirty_bits, cfg->dirty_shift, off, len);
+}
+
 /* ---- requests ---------------------------------------------------------------------- */
 
 static struct blk_dev *dev_of(struct vd_engine *e) { return e->dev; }
@@ -205,6 +228,11 @@ static void finish(struct vd_engine *e, uint16_t head, uint8_t status)
         [T_WRITE_ZEROES] = VD_BLK_STAT_WRITE_ZEROES,
     };
     vd_stat_add(&e->stats.by_type[slot[r->type & 15]], 1);
+    if (r->type == T_OUT) {
+        /* Even a failed write may have changed part of its range.  A bounced
+         * write covered whole blocks from its (aligned) offset. */
+        mark_dirty(d->cfg, r->offset, r->bounce != NULL ? r->bounce_len : r->len);
+    }
     if (status != S_OK) {
         vd_stat_add(&e->stats.errors, 1);
     } else if (r->type == T_IN) {
@@ -700,6 +728,8 @@ static void execute_segments(struct vd_engine *e, uint16_t head, const uint8_t *
             if (file_discard_or_zero(st, zero, flags & WZ_F_UNMAP, off, len) < 0)
                 status = S_IOERR;
         }
+        /* Marked even when it failed: part of the range may have changed. */
+        mark_dirty(d->cfg, off, len);
     }
     if (exclusive)
         rmw_end(st);

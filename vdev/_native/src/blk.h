@@ -68,6 +68,12 @@ struct vd_blk_config {
     int write_zeroes;     /* negotiated */
     int wce;              /* 1 writeback; 0 writethrough: flush after every write */
     uint8_t serial[20];
+    /* While a mirror runs: one bit per (1 << dirty_shift) bytes, set (atomic
+     * OR) when a write, discard or write-zeroes to it completes; NULL otherwise.
+     * Only changed while every engine is held. */
+    uint64_t *dirty;
+    uint64_t dirty_bits;
+    uint32_t dirty_shift;
 };
 
 struct vd_blk_storage *vd_blk_storage_new(int kind, uint8_t *mem, uint64_t size, int fd, int direct,
@@ -79,5 +85,10 @@ struct vd_engine *vd_blk_engine_new(struct vd_blk_storage *st, struct vd_blk_con
                                     uint16_t queue_size);
 /* Only while the engine is held and idle; 0 or -errno (io_uring set-up for file storage). */
 int vd_blk_engine_set_storage(struct vd_engine *e, struct vd_blk_storage *st);
+
+/* The dirty bitmap's two sides: writers mark a byte range, the mirror takes
+ * (reads and clears, atomically) one 64-bit word at a time. */
+void vd_bitmap_mark(uint64_t *bits, uint64_t nbits, uint32_t shift, uint64_t off, uint64_t len);
+uint64_t vd_bitmap_take(uint64_t *bits, uint64_t word);
 
 #endif

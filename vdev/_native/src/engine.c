@@ -46,6 +46,13 @@ struct vd_engine *vd_engine_alloc(const struct vd_engine_ops *ops, void *dev)
 
 void vd_engine_complete(struct vd_engine *e, uint16_t head, uint32_t used_len, uint64_t t_pop_ns)
 {
+    if (e->wlog != NULL && head < e->vr.size && e->wlog[head] != NULL) {
+        /* Migration: the pages the device wrote are dirty (logged after the
+         * writes, before the used entry that hands them to the driver). */
+        vd_vring_log_bufs(&e->vr, e->wlog[head], e->nwlog[head]);
+        free(e->wlog[head]);
+        e->wlog[head] = NULL;
+    }
     vd_vring_push(&e->vr, head, used_len);
     if (t_pop_ns)
         vd_hist_record(&e->hist, vd_now_ns() - t_pop_ns);
@@ -112,6 +119,16 @@ static int drain(struct vd_engine *e)
         }
         e->inflight++;
         taken++;
+        if (e->wlog != NULL && e->vr.log != NULL && e->chain.nwrite > 0) {
+            size_t bytes = sizeof(struct vd_buf) * e->chain.nwrite;
+            struct vd_buf *copy = malloc(bytes);
+            if (copy != NULL) {
+                memcpy(copy, e->chain.bufs + e->chain.nread, bytes);
+                free(e->wlog[e->chain.head]);
+                e->wlog[e->chain.head] = copy;
+                e->nwlog[e->chain.head] = e->chain.nwrite;
+            }
+        }
         if (rc < 0) {
             uint32_t len = e->ops->bad_chain(e, &e->chain);
             vd_stat_add(&e->stats.bad_chains, 1);
@@ -371,6 +388,36 @@ void vd_engine_set_poll(struct vd_engine *e, uint32_t poll_us)
     RELAXED_STORE(&e->poll_us, poll_us);
 }
 
+int vd_engine_set_log(struct vd_engine *e, const struct vd_log *log, bool log_used,
+                      uint64_t log_used_gpa)
+{
+    pthread_mutex_lock(&e->lock);
+    int rc = 0;
+    if (log != NULL && e->wlog == NULL) {
+        e->wlog = calloc(e->vr.size, sizeof *e->wlog);
+        e->nwlog = calloc(e->vr.size, sizeof *e->nwlog);
+        if (e->wlog == NULL || e->nwlog == NULL) {
+            free(e->wlog);
+            free(e->nwlog);
+            e->wlog = NULL;
+            e->nwlog = NULL;
+            rc = -ENOMEM;
+        }
+    }
+    if (rc == 0)
+        vd_vring_set_log(&e->vr, log, log_used, log_used_gpa);
+    pthread_mutex_unlock(&e->lock);
+    return rc;
+}
+
+int vd_engine_set_inflight(struct vd_engine *e, struct vd_inflight_region *region)
+{
+    pthread_mutex_lock(&e->lock);
+    int n = vd_vring_set_inflight(&e->vr, region);
+    pthread_mutex_unlock(&e->lock);
+    return n;
+}
+
 uint16_t vd_engine_stop(struct vd_engine *e, uint16_t *next_used)
 {
     if (e->thread_started) {
@@ -401,6 +448,12 @@ void vd_engine_free(struct vd_engine *e)
     if (e->new_call_fd >= 0)
         close(e->new_call_fd);
     free(e->chain.bufs);
+    if (e->wlog != NULL)
+        for (uint16_t i = 0; i < e->vr.size; i++)
+            free(e->wlog[i]);
+    free(e->wlog);
+    free(e->nwlog);
+    vd_vring_fini(&e->vr);
     pthread_mutex_destroy(&e->lock);
     pthread_cond_destroy(&e->cond);
     free(e);

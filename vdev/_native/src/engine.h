@@ -100,6 +100,11 @@ struct vd_engine {
 
     struct vd_engine_stats stats;
     struct vd_hist hist;
+
+    /* While dirty logging: the writable buffers of each head in flight,
+     * logged when it completes (after the device wrote them). */
+    struct vd_buf **wlog;
+    uint32_t *nwlog;
 };
 
 enum { VD_WANT_RUN = 0, VD_WANT_HOLD = 1, VD_WANT_STOP = 2 };
@@ -126,6 +131,13 @@ int vd_engine_set_mem(struct vd_engine *e, const struct vd_mem *mem);
 void vd_engine_set_call(struct vd_engine *e, int fd);
 void vd_engine_set_kick(struct vd_engine *e, int fd);
 void vd_engine_set_poll(struct vd_engine *e, uint32_t poll_us);
+/* Only while held and idle: start (log != NULL) or stop dirty logging;
+ * 0 or -ENOMEM. */
+int vd_engine_set_log(struct vd_engine *e, const struct vd_log *log, bool log_used,
+                      uint64_t log_used_gpa);
+/* Before the first run (or while idle): attach the queue's in-flight region;
+ * returns how many requests will be resubmitted, or -1. */
+int vd_engine_set_inflight(struct vd_engine *e, struct vd_inflight_region *region);
 /* Finish and end the thread; returns next_avail, *next_used is set. */
 uint16_t vd_engine_stop(struct vd_engine *e, uint16_t *next_used);
 /* Stop if needed and free everything, device part included. */

@@ -177,7 +177,7 @@ static bool rx_gso_ok(uint64_t features, uint8_t gso_type)
  * ends.  Returns the count, or -1 if they do not fit in `cap` (or a buffer
  * left guest memory, which pop already excluded). */
 static int bufs_to_iov(const struct vd_mem *m, const struct vd_buf *bufs, uint32_t n, uint64_t skip,
-                       uint64_t len, struct iovec *iov, uint32_t cap)
+                       uint64_t len, struct iovec *iov, uint32_t cap, uint64_t *gpas)
 {
     uint32_t cnt = 0;
     for (uint32_t i = 0; i < n && len > 0; i++) {
@@ -200,6 +200,8 @@ static int bufs_to_iov(const struct vd_mem *m, const struct vd_buf *bufs, uint32
                 piece = blen;
             iov[cnt].iov_base = h;
             iov[cnt].iov_len = piece;
+            if (gpas != NULL)
+                gpas[cnt] = gpa;    /* for the dirty log */
             cnt++;
             gpa += piece;
             blen -= piece;
@@ -414,7 +416,8 @@ static int rx_deliver(struct vd_net_port *dst, const struct vd_net_hdr *h, const
         int got = -1;
         if (rc > 0 && r->chain.nwrite > 0 && r->chain.write_len > 0)
             got = bufs_to_iov(r->vr.mem, r->chain.bufs + r->chain.nread, r->chain.nwrite, 0,
-                              r->chain.write_len, r->iov + niov, r->iov_cap - niov);
+                              r->chain.write_len, r->iov + niov, r->iov_cap - niov,
+                              r->vr.log != NULL ? r->iov_gpa + niov : NULL);
         if (got < 0) {
             if (rc > 0 && r->chain.nwrite > 0 && niov > 0) {
                 /* Out of iovec room for this frame: it cannot be placed. */
@@ -467,6 +470,16 @@ static int rx_deliver(struct vd_net_port *dst, const struct vd_net_hdr *h, const
         for (uint32_t k = r->iov_at[i]; k < r->iov_at[i + 1]; k++)
             c += r->iov[k].iov_len;
         uint64_t used = c < left ? c : left;
+        if (r->vr.log != NULL) {
+            /* Migration: what was written is dirty, after the writes and
+             * before the used entry hands it to the driver. */
+            uint64_t l = used;
+            for (uint32_t k = r->iov_at[i]; k < r->iov_at[i + 1] && l > 0; k++) {
+                uint64_t piece = r->iov[k].iov_len < l ? r->iov[k].iov_len : l;
+                vd_log_write(r->vr.log, r->iov_gpa[k], piece);
+                l -= piece;
+            }
+        }
         vd_vring_push(&r->vr, r->heads[i], (uint32_t)used);
         left -= used;
     }
@@ -542,7 +555,7 @@ static int tx_one(struct vd_net_port *p, struct vd_net_ring *t, struct vd_chain 
             return TX_DONE;
         }
     }
-    int n = bufs_to_iov(t->vr.mem, c->bufs, c->nread, hlen, frame, p->txiov + 1, p->txiov_cap - 1);
+    int n = bufs_to_iov(t->vr.mem, c->bufs, c->nread, hlen, frame, p->txiov + 1, p->txiov_cap - 1, NULL);
     if (n < 0) {
         drop(t, &t->stats.too_big);
         return TX_DONE;
@@ -949,6 +962,8 @@ static void ring_free_buffers(struct vd_net_ring *r)
     r->chain.cap = 0;
     free(r->iov);
     r->iov = NULL;
+    free(r->iov_gpa);
+    r->iov_gpa = NULL;
     r->iov_cap = 0;
     free(r->heads);
     r->heads = NULL;
@@ -1102,13 +1117,14 @@ int vd_net_ring_start(struct vd_net_port *p, int which, const struct vd_mem *mem
     r->chain.cap = size;
     r->iov_cap = 2u * size + 64u;
     r->iov = calloc(r->iov_cap, sizeof *r->iov);
+    r->iov_gpa = calloc(r->iov_cap, sizeof *r->iov_gpa);
     r->heads = calloc(size, sizeof *r->heads);
     r->iov_at = calloc((size_t)size + 1u, sizeof *r->iov_at);
     struct iovec *txiov = NULL;
     uint32_t txcap = 2u * size + 64u;
     if (which == VD_NET_TX)
         txiov = calloc(txcap, sizeof *txiov);
-    if (r->chain.bufs == NULL || r->iov == NULL || r->heads == NULL || r->iov_at == NULL
+    if (r->chain.bufs == NULL || r->iov == NULL || r->iov_gpa == NULL || r->heads == NULL || r->iov_at == NULL
         || (which == VD_NET_TX && txiov == NULL)) {
         ring_free_buffers(r);
         free(txiov);
@@ -1169,6 +1185,16 @@ int vd_net_ring_set_mem(struct vd_net_port *p, int which, const struct vd_mem *m
     int rc = r->started ? vd_vring_set_mem(&r->vr, mem) : 0;
     pthread_mutex_unlock(&r->lock);
     return rc;
+}
+
+void vd_net_ring_set_log(struct vd_net_port *p, int which, const struct vd_log *log, bool log_used,
+                         uint64_t log_used_gpa)
+{
+    struct vd_net_ring *r = &p->ring[which & 1];
+    /* Under the ring's lock: no batch is between a write and its log entry. */
+    pthread_mutex_lock(&r->lock);
+    vd_vring_set_log(&r->vr, log, log_used, log_used_gpa);
+    pthread_mutex_unlock(&r->lock);
 }
 
 void vd_net_ring_set_call(struct vd_net_port *p, int which, int fd)

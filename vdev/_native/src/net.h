@@ -166,6 +166,7 @@ struct vd_net_ring {
     struct vd_hist hist;
     /* receive ring, for its filler: the chains of the frame being placed */
     struct iovec *iov;
+    uint64_t *iov_gpa;          /* guest address of each iovec (dirty log) */
     uint32_t iov_cap;
     uint16_t *heads;
     uint32_t *iov_at;           /* first iovec of each chain */
@@ -195,6 +196,9 @@ void vd_net_ring_hold(struct vd_net_port *p, int which);
 void vd_net_ring_set_enabled(struct vd_net_port *p, int which, bool enabled);
 /* Only while held: 0 or VD_E_LAYOUT. */
 int vd_net_ring_set_mem(struct vd_net_port *p, int which, const struct vd_mem *mem);
+/* Dirty logging of live migration: rx buffer writes and (log_used) used-ring writes. */
+void vd_net_ring_set_log(struct vd_net_port *p, int which, const struct vd_log *log, bool log_used,
+                         uint64_t log_used_gpa);
 void vd_net_ring_set_call(struct vd_net_port *p, int which, int fd);
 void vd_net_ring_set_kick(struct vd_net_port *p, int which, int fd);
 /* Stop the ring: returns next_avail (nothing popped is left unanswered). */

@@ -1,5 +1,6 @@
 #include "vring.h"
 
+#include <stdlib.h>
 #include <string.h>
 
 #define LOAD16(p, mo) __atomic_load_n((const uint16_t *)(p), (mo))
@@ -80,6 +81,48 @@ static inline uint8_t *used_elem(const struct vd_vring *vr, uint16_t i)
 }
 static inline uint16_t *avail_event(const struct vd_vring *vr) { return (uint16_t *)(vr->used + 4 + 8u * vr->size); }
 
+/* ---- dirty logging ---------------------------------------------------------------- */
+
+#define LOG_PAGE_SHIFT 12          /* VHOST_LOG_PAGE: 4 KiB per bit */
+
+void vd_log_write(const struct vd_log *log, uint64_t gpa, uint64_t len)
+{
+    if (log == NULL || log->base == NULL || len == 0)
+        return;
+    uint64_t first = gpa >> LOG_PAGE_SHIFT, last = (gpa + len - 1) >> LOG_PAGE_SHIFT;
+    if (gpa + len - 1 < gpa)
+        last = UINT64_MAX >> LOG_PAGE_SHIFT;
+    for (uint64_t page = first; page <= last; page++) {
+        if (page / 8 >= log->size)
+            break;
+        /* The front-end clears bits while we set them: one atomic OR per byte. */
+        __atomic_fetch_or(&log->base[page / 8], (uint8_t)(1u << (page % 8)), __ATOMIC_RELEASE);
+    }
+}
+
+/* A write to the used ring at `offset`: logged when the ring asked for it. */
+static inline void log_used(const struct vd_vring *vr, uint64_t offset, uint64_t len)
+{
+    if (vr->log != NULL && vr->log_used)
+        vd_log_write(vr->log, vr->log_used_gpa + offset, len);
+}
+
+void vd_vring_set_log(struct vd_vring *vr, const struct vd_log *log, bool log_used_ring,
+                      uint64_t log_used_gpa)
+{
+    vr->log = log;
+    vr->log_used = log_used_ring;
+    vr->log_used_gpa = log_used_gpa;
+}
+
+void vd_vring_log_bufs(struct vd_vring *vr, const struct vd_buf *bufs, uint32_t n)
+{
+    if (vr->log == NULL)
+        return;
+    for (uint32_t i = 0; i < n; i++)
+        vd_log_write(vr->log, bufs[i].gpa, bufs[i].len);
+}
+
 static int translate_rings(struct vd_vring *vr, const struct vd_mem *mem)
 {
     uint8_t *d = vd_mem_translate(mem, vr->desc_gpa, (uint64_t)DESC_SIZE * vr->size);
@@ -111,6 +154,13 @@ int vd_vring_init(struct vd_vring *vr, const struct vd_mem *mem, uint16_t size, 
     vr->event_idx = event_idx;
     vr->indirect = indirect;
     return translate_rings(vr, mem);
+}
+
+void vd_vring_fini(struct vd_vring *vr)
+{
+    free(vr->resubmit);
+    vr->resubmit = NULL;
+    vr->nresubmit = vr->resubmit_pos = 0;
 }
 
 int vd_vring_set_mem(struct vd_vring *vr, const struct vd_mem *mem)
@@ -251,15 +301,28 @@ int vd_vring_pop(struct vd_vring *vr, struct vd_chain *c)
     c->err_len = -1;
     if (vr->broken)
         return -vr->broken;
-    int n = vd_vring_pending(vr);
-    if (n <= 0)
-        return n;
-    uint16_t head = LOAD16(avail_ring(vr, vr->next_avail), __ATOMIC_RELAXED);
-    vr->next_avail++;
-    if (head >= vr->size) {
-        vr->broken = VD_E_HEAD_OUT_OF_RANGE;
-        vr->broken_value = head;
-        return -VD_E_HEAD_OUT_OF_RANGE;
+    uint16_t head;
+    if (vr->resubmit_pos < vr->nresubmit) {
+        /* In flight when the previous back end died: taken again, oldest
+         * first, before anything new (still marked in flight). */
+        head = vr->resubmit[vr->resubmit_pos++];
+    } else {
+        int n = vd_vring_pending(vr);
+        if (n <= 0)
+            return n;
+        head = LOAD16(avail_ring(vr, vr->next_avail), __ATOMIC_RELAXED);
+        vr->next_avail++;
+        if (head >= vr->size) {
+            vr->broken = VD_E_HEAD_OUT_OF_RANGE;
+            vr->broken_value = head;
+            return -VD_E_HEAD_OUT_OF_RANGE;
+        }
+        if (vr->inflight != NULL) {
+            /* The order matters only for a later incarnation reading it. */
+            struct vd_inflight_desc *d = &vr->inflight->desc[head];
+            __atomic_store_n(&d->counter, vr->inflight_counter++, __ATOMIC_RELAXED);
+            __atomic_store_n(&d->inflight, 1, __ATOMIC_RELEASE);
+        }
     }
     c->head = head;
     /* The budget keeps a chain within the queue size, which is the capacity
@@ -276,7 +339,31 @@ void vd_vring_push(struct vd_vring *vr, uint16_t head, uint32_t len)
     uint8_t *e = used_elem(vr, vr->shadow_used);
     STORE32(e, head);
     STORE32(e + 4, len);
+    log_used(vr, 4 + 8u * (vr->shadow_used & (vr->size - 1)), 8);
     vr->shadow_used++;
+    if (vr->inflight != NULL && head < vr->size) {
+        /* Chain the batch through `next`, from last_batch_head, so a crash
+         * between publishing used.idx and clearing the marks is settled by
+         * the next incarnation (vd_vring_set_inflight). */
+        if (vr->batch_len == 0)
+            __atomic_store_n(&vr->inflight->last_batch_head, head, __ATOMIC_RELAXED);
+        else
+            __atomic_store_n(&vr->inflight->desc[vr->batch_tail].next, head, __ATOMIC_RELAXED);
+        vr->batch_tail = head;
+        vr->batch_len++;
+    }
+}
+
+/* After used.idx is published: the batch is no longer in flight. */
+static void inflight_settle(struct vd_inflight_region *r, uint16_t size, uint16_t head, uint16_t n,
+                            uint16_t used)
+{
+    for (uint16_t i = 0; i < n && head < size; i++) {
+        uint16_t next = r->desc[head].next;
+        __atomic_store_n(&r->desc[head].inflight, 0, __ATOMIC_RELEASE);
+        head = next;
+    }
+    __atomic_store_n(&r->used_idx, used, __ATOMIC_RELEASE);
 }
 
 void vd_vring_publish(struct vd_vring *vr)
@@ -286,8 +373,63 @@ void vd_vring_publish(struct vd_vring *vr)
         return;
     /* §2.7.13.3: the elements are visible before the index (release). */
     STORE16(used_idx(vr), vr->shadow_used, __ATOMIC_RELEASE);
+    log_used(vr, 2, 2);
     vr->next_used = vr->shadow_used;
     vr->num_added = (uint16_t)(vr->num_added + added);
+    if (vr->inflight != NULL && vr->batch_len) {
+        inflight_settle(vr->inflight, vr->size, vr->inflight->last_batch_head, vr->batch_len,
+                        vr->next_used);
+        vr->batch_len = 0;
+    }
+}
+
+static int cmp_counter(const void *a, const void *b, void *arg)
+{
+    const struct vd_inflight_region *r = arg;
+    uint64_t ca = r->desc[*(const uint16_t *)a].counter, cb = r->desc[*(const uint16_t *)b].counter;
+    return ca < cb ? -1 : ca > cb;
+}
+
+int vd_vring_set_inflight(struct vd_vring *vr, struct vd_inflight_region *r)
+{
+    free(vr->resubmit);
+    vr->resubmit = NULL;
+    vr->nresubmit = vr->resubmit_pos = 0;
+    vr->batch_len = 0;
+    vr->inflight = r;
+    vr->inflight_counter = 0;
+    if (r == NULL)
+        return 0;
+    uint16_t used = LOAD16(used_idx(vr), __ATOMIC_ACQUIRE);
+    if (r->version == 0) {
+        /* Fresh (a new region, or the VM was reset): nothing was in flight. */
+        memset(r->desc, 0, sizeof r->desc[0] * vr->size);
+        r->desc_num = vr->size;
+        r->last_batch_head = 0;
+        r->used_idx = used;
+        __atomic_store_n(&r->version, 1, __ATOMIC_RELEASE);
+        return 0;
+    }
+    if (r->used_idx != used)
+        /* Died after publishing a batch, before clearing it. */
+        inflight_settle(r, vr->size, r->last_batch_head, (uint16_t)(used - r->used_idx), used);
+    uint16_t n = 0;
+    uint64_t top = 0;
+    vr->resubmit = malloc(sizeof *vr->resubmit * vr->size);
+    if (vr->resubmit == NULL)
+        return -1;
+    for (uint16_t i = 0; i < vr->size; i++)
+        if (r->desc[i].inflight == 1) {
+            vr->resubmit[n++] = i;
+            if (r->desc[i].counter >= top)
+                top = r->desc[i].counter + 1;
+        }
+    qsort_r(vr->resubmit, n, sizeof *vr->resubmit, cmp_counter, r);
+    vr->nresubmit = n;
+    vr->inflight_counter = top;
+    vr->next_used = vr->shadow_used = used;
+    vr->next_avail = (uint16_t)(used + n);
+    return n;
 }
 
 bool vd_vring_need_notify(struct vd_vring *vr)
@@ -311,6 +453,7 @@ void vd_vring_disable_notify(struct vd_vring *vr)
     if (!vr->event_idx) {
         uint16_t f = LOAD16(used_flags(vr), __ATOMIC_RELAXED);
         STORE16(used_flags(vr), f | VD_USED_F_NO_NOTIFY, __ATOMIC_RELAXED);
+        log_used(vr, 0, 2);
     }
 }
 
@@ -318,9 +461,11 @@ int vd_vring_enable_notify(struct vd_vring *vr)
 {
     if (vr->event_idx) {
         STORE16(avail_event(vr), vr->next_avail, __ATOMIC_RELAXED);
+        log_used(vr, 4 + 8u * vr->size, 2);
     } else {
         uint16_t f = LOAD16(used_flags(vr), __ATOMIC_RELAXED);
         STORE16(used_flags(vr), f & ~VD_USED_F_NO_NOTIFY, __ATOMIC_RELAXED);
+        log_used(vr, 0, 2);
     }
     /* §2.7.10: publish before re-reading avail.idx, or a kick can be missed. */
     FULL_FENCE();

@@ -94,6 +94,34 @@ struct vd_chain {
     struct vd_buf tail;
 };
 
+/* Dirty-page log of live migration (vhost-user "Migration"): one bit per
+ * 4 KiB page of guest-physical address, set with an atomic OR because the
+ * front-end clears bits concurrently.  Owned by Python, shared by every ring;
+ * swapped only while the rings are held. */
+struct vd_log {
+    uint8_t *base;
+    uint64_t size;        /* bytes: covers size * 8 pages */
+};
+
+/* The in-flight region of one split queue (vhost-user "Inflight I/O
+ * tracking"): a 16-byte header and one 16-byte entry per descriptor, in a
+ * memfd the front-end keeps across a back-end crash. */
+struct vd_inflight_desc {
+    uint8_t inflight;
+    uint8_t padding[5];
+    uint16_t next;
+    uint64_t counter;
+};
+
+struct vd_inflight_region {
+    uint64_t features;
+    uint16_t version;
+    uint16_t desc_num;
+    uint16_t last_batch_head;
+    uint16_t used_idx;
+    struct vd_inflight_desc desc[];
+};
+
 struct vd_vring {
     uint16_t size;
     uint16_t index;
@@ -112,6 +140,19 @@ struct vd_vring {
     bool indirect;
     int broken;              /* 0, or the error that broke the queue */
     uint16_t broken_value;   /* the head or index step that broke it */
+    /* dirty logging: NULL when off; used-ring writes are logged at
+     * log_used_gpa + offset when log_used (VHOST_VRING_F_LOG) */
+    const struct vd_log *log;
+    uint64_t log_used_gpa;
+    bool log_used;
+    /* in-flight tracking: NULL when off */
+    struct vd_inflight_region *inflight;
+    uint64_t inflight_counter;
+    uint16_t batch_len;      /* pushed since the last publish, chained from last_batch_head */
+    uint16_t batch_tail;
+    uint16_t *resubmit;      /* heads to take again before the avail ring, in order */
+    uint16_t nresubmit;
+    uint16_t resubmit_pos;
 };
 
 /* Region lookup: host pointer of [gpa, gpa+len) if it lies in one region, else NULL. */
@@ -124,6 +165,8 @@ int vd_mem_check(const struct vd_mem *m, uint64_t gpa, uint64_t len);
 int vd_vring_init(struct vd_vring *vr, const struct vd_mem *mem, uint16_t size, uint16_t index,
                   uint64_t desc_gpa, uint64_t avail_gpa, uint64_t used_gpa,
                   uint16_t next_avail, uint16_t next_used, bool event_idx, bool indirect);
+/* Free what init/set_inflight allocated. */
+void vd_vring_fini(struct vd_vring *vr);
 /* Re-translate the rings against a new memory table; VD_E_LAYOUT if they no longer fit. */
 int vd_vring_set_mem(struct vd_vring *vr, const struct vd_mem *mem);
 
@@ -144,6 +187,18 @@ bool vd_vring_need_notify(struct vd_vring *vr);
 void vd_vring_disable_notify(struct vd_vring *vr);
 /* Ask for kicks again; 1 if chains arrived meanwhile, 0 if not, <0 broken. */
 int vd_vring_enable_notify(struct vd_vring *vr);
+
+/* Dirty logging. */
+void vd_log_write(const struct vd_log *log, uint64_t gpa, uint64_t len);
+void vd_vring_set_log(struct vd_vring *vr, const struct vd_log *log, bool log_used, uint64_t log_used_gpa);
+void vd_vring_log_bufs(struct vd_vring *vr, const struct vd_buf *bufs, uint32_t n);
+
+/* In-flight tracking: attach the queue's region (NULL detaches).  A fresh
+ * region (version 0) is initialised; otherwise the last batch a crash left
+ * half-finished is settled, next_avail becomes used.idx plus what was in
+ * flight, and those heads are taken again, oldest first, before the avail
+ * ring.  Returns how many will be resubmitted, or -1 (no memory). */
+int vd_vring_set_inflight(struct vd_vring *vr, struct vd_inflight_region *region);
 
 /* Helpers the engines share: copy between a buffer list and flat memory. */
 uint64_t vd_bufs_copy_out(const struct vd_mem *m, const struct vd_buf *bufs, uint32_t n,
