@@ -13,8 +13,9 @@ from typing import Any
 
 from vdev.cli import DeviceCommand, ServeOptions
 from vdev.config import parse_int, parse_queue_size
-from vdev.control import ControlServer
+from vdev.control import ControlCommand, ControlServer, accepts
 from vdev.device import Device, serve
+from vdev.metrics import latency_handler
 
 from .cable import check_cable_name
 from .device import (
@@ -39,6 +40,15 @@ qemu-system-x86_64 -machine q35 -m 1G \\
     -kernel vmlinuz -initrd initrd.img -append console=ttyS0 -nographic"""
 
 MAX_QUEUES = 64
+
+#: The control commands, for `vdev ctl --help`, shell completion and the
+#: parameter check (each handler takes exactly the parameters named here).
+CONTROL_COMMANDS = (
+    ControlCommand("info", (), "the link, MAC, MTU, features, and per-queue counters (frames, drops "
+                               "by cause)"),
+    ControlCommand("latency", ("[reset=true]",), "per-queue latency percentiles since start or the "
+                                                 "last reset (vdev ctl ... latency --reset)"),
+)
 #: Longest busy-poll (--poll-us) accepted: one second.
 MAX_POLL_US = 1_000_000
 
@@ -61,6 +71,7 @@ class NetCommand(DeviceCommand):
     summary = "virtio-net NIC on a TAP, a cable to another guest, or a loopback (vhost-user-net)"
     capability_type = "net"
     qemu_example = QEMU_EXAMPLE
+    control_commands = CONTROL_COMMANDS
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         g = parser.add_argument_group("virtio-net (one of --tap, --cable, --loopback)")
@@ -85,7 +96,8 @@ class NetCommand(DeviceCommand):
         g.add_argument("--poll-us", default="0", metavar="N",
                        help="busy-poll each transmit ring for up to N microseconds after its last frame "
                             "before sleeping on the kick eventfd (default 0: never)")
-        g.add_argument("--control", metavar="PATH", help="JSON control socket: info (per-queue counters)")
+        g.add_argument("--control", metavar="PATH",
+                       help="JSON control socket: info (per-queue counters), latency")
 
     def configure(self, args: argparse.Namespace) -> NetConfig:
         chosen = [o for o, v in (("--tap", args.tap), ("--cable", args.cable),
@@ -153,7 +165,10 @@ def control_handlers(device: NetDevice) -> dict[str, Any]:
     async def info(request: dict[str, Any]) -> dict[str, Any]:
         return device.info()
 
-    return {"info": info}
+    handlers = {"info": info, "latency": latency_handler(device)}
+    for cmd in CONTROL_COMMANDS:
+        accepts(handlers[cmd.name], cmd.params)
+    return handlers
 
 
 __all__ = ["NetCommand", "NetConfig", "NetDevice", "control_handlers"]

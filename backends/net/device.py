@@ -38,9 +38,10 @@ from collections import Counter
 from typing import Any
 
 from vdev.device import Device, VirtQueue
-from vdev.engine import NativeEngine, RingSpec
+from vdev.engine import ENGINE_COUNTERS, EngineClosed, NativeEngine, RingSpec
 from vdev.errors import DeviceError, Unsupported
 from vdev.histogram import LatencyHistogram
+from vdev.metrics import TYPE_SLOTS, QueueSnapshot
 from vdev.uapi.virtio import DeviceId, VirtioFeature
 from vhost_user.messages import ProtocolFeature
 
@@ -460,11 +461,35 @@ class NetDevice(Device):
             total: Counter[str] = Counter(self._retired.get(index, Counter()))
             engine = engines.get(index)
             if engine is not None:
-                live = engine.stats()
+                try:
+                    live = engine.stats()
+                except EngineClosed:     # stopped meanwhile (another thread's read)
+                    live = {}
                 total.update({k: v for k, v in live.items() if k not in ("last_errno", "broken")})
                 total["last_errno"] = live.get("last_errno", 0)
                 total["broken"] = live.get("broken", 0)
             out[index] = {name: int(total.get(name, 0)) for name in NET_COUNTERS}
+        return out
+
+    def queue_snapshots(self) -> dict[int, QueueSnapshot]:
+        """Every ring's counters in the shape `vdev.metrics` reports (``--metrics``,
+        ``latency``): requests are frames, bytes_read the bytes received into
+        guest buffers (rx), bytes_written those sent from them (tx), errors the
+        frames dropped.  Safe from any thread."""
+        engines = self.runtime.engines if self.runtime is not None else {}
+        out: dict[int, QueueSnapshot] = {}
+        for index, q in self.queue_stats().items():
+            hist = self._retired_hist.get(index, LatencyHistogram.empty())
+            engine = engines.get(index)
+            if engine is not None:
+                with contextlib.suppress(EngineClosed):
+                    hist = hist + engine.histogram()
+            rx = index % 2 == RX
+            counters = {name: q.get(name, 0) for name in ENGINE_COUNTERS}
+            counters.update(requests=q["frames"], bytes_read=q["bytes"] if rx else 0,
+                            bytes_written=0 if rx else q["bytes"], errors=q["dropped"], polled=0,
+                            inflight=0)
+            out[index] = QueueSnapshot(counters, (0,) * TYPE_SLOTS, hist, native=True)
         return out
 
     def info(self) -> dict[str, object]:

@@ -482,3 +482,46 @@ async def test_dirty_log_marks_the_receive_buffers_written_and_the_used_ring() -
             log.close()
             os.close(fd)
 
+
+async def test_metrics_and_latency_count_frames_per_ring() -> None:
+    """``--metrics`` and the ``latency`` control command read net's rings
+    (frames as requests, bytes received as read, sent as written, drops as
+    errors), live and after the rings stopped."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from backends.net import control_handlers
+    from vdev.metrics import DeviceCollector
+
+    def scrape(dev: NetDevice) -> dict[str, float]:
+        registry = CollectorRegistry()
+        registry.register(DeviceCollector(dev))
+        out = {}
+        for line in generate_latest(registry).decode().splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                out[key] = float(value)
+        return out
+
+    dev = NetDevice(LoopbackLink(), mac=MAC_A, no_buffer_wait_ms=0)
+    try:
+        async with device_pair(dev) as vm:
+            for _ in range(3):
+                vm.post(RX, [Buffer.writable(2048)])
+            frame = frame_of(b"counted" * 10)
+            for _ in range(4):                            # the fourth finds no buffer: dropped
+                send(vm, frame)
+            await vm.wait_used(RX, 3)
+            await vm.wait_used(TX, 4)
+            m = scrape(dev)
+            assert m['vdev_net_requests_total{queue="0"}'] == 3
+            assert m['vdev_net_requests_total{queue="1"}'] == 3
+            assert m['vdev_net_read_bytes_total{queue="0"}'] == 3 * len(frame)
+            assert m['vdev_net_written_bytes_total{queue="1"}'] == 3 * len(frame)
+            assert m['vdev_net_errors_total{queue="0"}'] == 1
+            reply = await control_handlers(dev)["latency"]({"command": "latency"})
+            assert [q["queue"] for q in reply["queues"]] == [0, 1]
+            assert reply["queues"][1]["count"] >= 1       # per batch on the transmit ring
+            await vm.stop()
+            assert scrape(dev)['vdev_net_requests_total{queue="1"}'] == 3   # retired rings count
+    finally:
+        await dev.aclose()
