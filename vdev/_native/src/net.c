@@ -51,6 +51,7 @@ struct vd_net_port {
     uint32_t pend_len;          /* a frame waiting in the bounce buffer (header included) */
     uint64_t wait_since;        /* ns; 0: not waiting for receive buffers */
     bool dropping;              /* the wait bound passed: drop until buffers come */
+    int rx_dry;                 /* this batch: the peer's receive ring was empty (1), not (0), unknown (-1) */
     bool blocked_out;           /* the link socket is full: wait for POLLOUT */
     bool link_dead;             /* the fd said EOF or EBADFD: stop polling it */
     uint32_t poll_us;           /* busy-poll the transmit ring this long before sleeping */
@@ -555,9 +556,14 @@ static int tx_one(struct vd_net_port *p, struct vd_net_ring *t, struct vd_chain 
     }
     if (p->w_link == VD_NET_LINK_PEER && p->dropping && dst != NULL) {
         /* Past the wait bound for this receiver: while it has no buffers,
-         * drop without building the frame's scatter list. */
+         * drop without building the frame's scatter list.  Its ring is
+         * looked at once per batch: buffers it posts meanwhile are seen by
+         * the next batch, and the index load is not paid per frame. */
         struct vd_net_ring *rx = &dst->ring[VD_NET_RX];
-        if (rx->started && rx->running && rx->enabled && !rx->vr.broken && vd_vring_pending(&rx->vr) == 0) {
+        if (p->rx_dry < 0)
+            p->rx_dry = rx->started && rx->running && rx->enabled && !rx->vr.broken
+                        && vd_vring_pending(&rx->vr) == 0;
+        if (p->rx_dry) {
             drop(rx, &rx->stats.no_buffer_drops);
             drop(t, NULL);
             return TX_DONE;
@@ -647,6 +653,7 @@ static int do_tx(struct vd_net_port *p)
             vd_vring_disable_notify(&rx->vr);
     }
     vd_vring_disable_notify(&t->vr);
+    p->rx_dry = -1;
     int done = 0;
     bool retry = false;
     uint64_t t0 = 0;
