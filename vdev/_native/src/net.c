@@ -1128,8 +1128,8 @@ int vd_net_ring_start(struct vd_net_port *p, int which, const struct vd_mem *mem
         return rc;
     }
     ring_free_buffers(r);
-    r->chain.bufs = calloc(size, sizeof *r->chain.bufs);
-    r->chain.cap = size;
+    r->chain.bufs = calloc(vd_chain_cap(size), sizeof *r->chain.bufs);
+    r->chain.cap = vd_chain_cap(size);
     r->iov_cap = 2u * size + 64u;
     r->iov = calloc(r->iov_cap, sizeof *r->iov);
     r->iov_gpa = calloc(r->iov_cap, sizeof *r->iov_gpa);

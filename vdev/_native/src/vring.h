@@ -89,7 +89,7 @@ struct vd_buf {
 };
 
 /* A popped chain: `nread` readable buffers, then `nwrite` writable ones, in
- * `bufs` (capacity `cap`, at least the queue size).  On a malformed chain
+ * `bufs` (capacity `cap`, at least vd_chain_cap(queue size)).  On a malformed chain
  * whose avail entry was consumed, `err` and `err_gpa`/`err_len` say why and
  * where (err_len is -1 when unknown), and `tail` is the chain's last
  * descriptor when it is writable, in guest memory and not empty (has_tail),
