@@ -8,9 +8,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# dpdk: dpdk-testpmd, the second vhost-user front end (virtio-user) the net
+# tests drive, and the peer of benchmarks/net_pps.py.  Its tests reserve 2 MiB
+# hugepages and mount hugetlbfs at /dev/hugepages themselves (root).
 PACKAGES=(qemu-system-x86 qemu-utils busybox-static fio socat iperf3 cpio nbdkit
           python3 python3-venv python3-dev gcc libc6-dev libffi-dev liburing-dev xz-utils
-          bash-completion)
+          bash-completion dpdk)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

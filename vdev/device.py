@@ -185,6 +185,19 @@ class Device(abc.ABC):
     def has_config(self) -> bool:
         return False
 
+    @property
+    def protocol_features(self) -> ProtocolFeature:
+        """vhost-user protocol features the device adds (net: RARP, NET_MTU)."""
+        return ProtocolFeature(0)
+
+    def send_rarp(self, mac: bytes) -> None:
+        """SEND_RARP: announce ``mac`` after a migration.  Raises Unsupported by default."""
+        raise Unsupported("SEND_RARP", f"{self.name} does not send RARP announcements")
+
+    def set_mtu(self, mtu: int) -> None:
+        """NET_SET_MTU: the MTU the front-end gives the guest.  Raises Unsupported by default."""
+        raise Unsupported("NET_SET_MTU", f"{self.name} has no MTU")
+
     def config(self) -> bytes:
         """The device's config space (little-endian, as the driver sees it)."""
         return b""
@@ -289,7 +302,7 @@ class DeviceRuntime(BackendHooks):
             f |= ProtocolFeature.CONFIG
         if self.device.supports_inflight:
             f |= ProtocolFeature.INFLIGHT_SHMFD
-        return f
+        return f | self.device.protocol_features
 
     @property
     def num_queues(self) -> int:
@@ -432,7 +445,9 @@ class DeviceRuntime(BackendHooks):
                 engine.close()
                 raise
             self.engines[vring.index] = engine
-            if vring.index in self.enabled and not self._holds:
+            enabled = vring.index in self.enabled
+            engine.set_enabled(enabled)
+            if (enabled or engine.serves_disabled) and not self._holds:
                 engine.run()
             kind = "native engine"
         else:
@@ -486,13 +501,15 @@ class DeviceRuntime(BackendHooks):
         engine = self.engines.get(index)
         if enabled:
             self.enabled.add(index)
-            if engine is not None and not self._holds:
-                engine.run()
+            if engine is not None:
+                engine.set_enabled(True)
+                if not self._holds:
+                    engine.run()
             self.schedule(index)
         else:
             self.enabled.discard(index)
             if engine is not None:
-                engine.hold()
+                engine.set_enabled(False)
 
     def set_vring_call(self, index: int, fd: int | None) -> None:
         if fd is None:
@@ -530,6 +547,12 @@ class DeviceRuntime(BackendHooks):
 
     def set_config(self, offset: int, data: bytes, flags: ConfigFlag) -> None:
         self.device.write_config(offset, data)
+
+    def send_rarp(self, mac: bytes) -> None:
+        self.device.send_rarp(mac)
+
+    def set_mtu(self, mtu: int) -> None:
+        self.device.set_mtu(mtu)
 
     def reset(self) -> None:
         for index in list(self.queues) + list(self.engines):
@@ -634,7 +657,7 @@ class DeviceRuntime(BackendHooks):
         if self._holds:
             return
         for index, engine in self.engines.items():
-            if index in self.enabled:
+            if index in self.enabled or engine.serves_disabled:
                 engine.run()
         for index in self.queues:
             self.schedule(index)

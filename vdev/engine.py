@@ -12,6 +12,7 @@ None is served on the Python path.
 
     start(mem, spec, kick, call)   ring set up, worker held
     run() / hold()                 take chains / stop taking them
+    set_enabled(flag)              SET_VRING_ENABLE (default: hold while disabled)
     await quiesce()                held and nothing in flight (swap, memory change)
     set_memory(mem)                only while quiesced
     set_call(fd) / set_kick(fd)    at any time (the engine gets its own dup)
@@ -71,6 +72,12 @@ def _dup(fd: int | None) -> int:
 class NativeEngine:
     """One C queue engine (``struct vd_engine``), created by a device."""
 
+    #: Whether the engine keeps serving a started ring the driver disabled.
+    #: spec "Ring states": started and disabled, a ring is processed without
+    #: side effects (net: TX discarded, no RX supplied).  Engines without it
+    #: are simply held while their ring is disabled.
+    serves_disabled = False
+
     def __init__(self, cdata: Any, *, poll_us: int = 0) -> None:
         if cdata == ffi.NULL:
             err = ffi.errno
@@ -110,6 +117,12 @@ class NativeEngine:
 
     def run(self) -> None:
         lib.vd_engine_run(self._e)
+
+    def set_enabled(self, enabled: bool) -> None:
+        """SET_VRING_ENABLE for this ring.  The default holds a disabled ring
+        (`run` follows an enable unless the runtime holds the device)."""
+        if not enabled:
+            self.hold()
 
     def hold(self) -> None:
         lib.vd_engine_hold(self._e)

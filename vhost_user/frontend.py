@@ -246,6 +246,13 @@ class Frontend:
     async def reset_device(self) -> None:
         await self.call(FrontendReq.RESET_DEVICE)
 
+    async def send_rarp(self, mac: bytes) -> None:
+        """SEND_RARP: the MAC in the first 6 bytes of the u64 (as QEMU sends it)."""
+        await self.call(FrontendReq.SEND_RARP, U64(int.from_bytes(mac[:6].ljust(8, b"\0"), "little")).pack())
+
+    async def net_set_mtu(self, mtu: int) -> None:
+        await self.call(FrontendReq.NET_SET_MTU, U64(mtu).pack())
+
     # -- migration and reconnection ------------------------------------------------
 
     async def set_log_base(self, fd: int, size: int, offset: int = 0) -> None:

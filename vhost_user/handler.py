@@ -158,6 +158,15 @@ class BackendHooks(abc.ABC):
     def set_backend_channel(self, fd: int | None) -> None:
         """The back-end request channel changed (None: gone)."""
 
+    def send_rarp(self, mac: bytes) -> None:
+        """SEND_RARP (protocol feature RARP): announce ``mac`` (6 bytes) after a
+        migration, for a guest that cannot announce itself."""
+        raise Unsupported("SEND_RARP", "device does not send RARP announcements")
+
+    def set_mtu(self, mtu: int) -> None:
+        """NET_SET_MTU (protocol feature NET_MTU): the MTU the front-end gives the guest."""
+        raise Unsupported("NET_SET_MTU", "device has no MTU")
+
     def reset(self) -> None:
         """RESET_DEVICE or a disconnect: return to the initial state."""
 
@@ -203,7 +212,14 @@ class _State:
     features_set: bool = False
     status: int = 0
     regions: list[RegionFd] = field(default_factory=list)
+    #: ADD_MEM_REG repeats of a region already in the table (by its key), so
+    #: that as many REM_MEM_REGs are needed to remove it.
+    region_repeats: dict[tuple[int, int, int, int], int] = field(default_factory=dict)
     backend_fd: int | None = None
+
+
+def _region_key(r: MemoryRegion) -> tuple[int, int, int, int]:
+    return (r.guest_phys_addr, r.userspace_addr, r.memory_size, r.mmap_offset)
 
 
 class BackendHandler:
@@ -415,6 +431,7 @@ class BackendHandler:
                                 request=msg.request.name, value=(len(regions), len(msg.fds)))
         new = [RegionFd(r, fd) for r, fd in zip(regions, msg.fds)]
         self._install_memory(new)
+        self.state.region_repeats.clear()
 
     def _install_memory(self, new: list[RegionFd]) -> None:
         try:
@@ -433,6 +450,18 @@ class BackendHandler:
     def _on_add_mem_reg(self, msg: Message) -> None:
         assert isinstance(msg.payload, SingleMemoryRegion)
         region = msg.payload.region
+        key = _region_key(region)
+        if any(_region_key(r.region) == key for r in self.state.regions):
+            # QEMU before 8.1 sends ADD_MEM_REG once per vhost device, and a
+            # vhost-user-net with several queue pairs is one device per pair
+            # on one connection: the same region arrives again.  Taking it as
+            # a repeat (a REM_MEM_REG each) keeps the table whole; refusing it
+            # made QEMU stop the pair.  Found by running QEMU 7.2 with mq=on.
+            close_fds(msg.fds)
+            self.state.region_repeats[key] = self.state.region_repeats.get(key, 0) + 1
+            log.info("ADD_MEM_REG repeats region %#x (+%#x); counted, not mapped again",
+                     region.guest_phys_addr, region.memory_size)
+            return
         if len(self.state.regions) >= MAX_MEM_SLOTS:
             close_fds(msg.fds)
             raise ProtocolError("no free memory slot", request=msg.request.name, value=MAX_MEM_SLOTS)
@@ -449,6 +478,15 @@ class BackendHandler:
         assert isinstance(msg.payload, SingleMemoryRegion)
         close_fds(msg.fds)   # spec: old front-ends attach one; it is not used
         region = msg.payload.region
+        repeats = self.state.region_repeats
+        for k, n in list(repeats.items()):
+            if k[:3] == (region.guest_phys_addr, region.userspace_addr, region.memory_size):
+                # One of the repeated adds (see _on_add_mem_reg) taken back.
+                if n > 1:
+                    repeats[k] = n - 1
+                else:
+                    del repeats[k]
+                return
         key = (region.guest_phys_addr, region.userspace_addr, region.memory_size)
         keep = [r for r in self.state.regions
                 if (r.region.guest_phys_addr, r.region.userspace_addr, r.region.memory_size) != key]
@@ -667,6 +705,15 @@ class BackendHandler:
     def _on_get_status(self, msg: Message) -> U64:
         return U64(self.state.status)
 
+    def _on_send_rarp(self, msg: Message) -> None:
+        assert isinstance(msg.payload, U64)
+        # spec SEND_RARP: "the first 6 bytes of the payload contain the mac address"
+        self.hooks.send_rarp(msg.payload.value.to_bytes(8, "little")[:6])
+
+    def _on_net_set_mtu(self, msg: Message) -> None:
+        assert isinstance(msg.payload, U64)
+        self.hooks.set_mtu(msg.payload.value)
+
     def _on_set_backend_req_fd(self, msg: Message) -> None:
         old, self.state.backend_fd = self.state.backend_fd, msg.fds[0]
         self.hooks.set_backend_channel(msg.fds[0])
@@ -718,6 +765,7 @@ class BackendHandler:
             self.hooks.set_memory([])
             close_fds([r.fd for r in self.state.regions])
             self.state.regions = []
+            self.state.region_repeats.clear()
         if self.state.backend_fd is not None:
             self.hooks.set_backend_channel(None)
             self._replace_fd(self.state.backend_fd)

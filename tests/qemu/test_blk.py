@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,10 +45,25 @@ FIO_VERIFY = ("fio --name=verify --filename=/dev/vda --ioengine=libaio --direct=
               "--group_reporting")
 
 
-@pytest.mark.parametrize("dataplane", ["native", "python"])
+def on_tmpfs(path: str) -> bool:
+    with open("/proc/mounts") as f:
+        return any(line.split()[1:3] == [path, "tmpfs"] for line in f)
+
+
+@pytest.mark.parametrize("dataplane", ["native", "python", "native-tmpfs"])
 async def test_fio_verify_discard_flush_two_queues(guest_image: GuestImage, vdev_daemon,
-                                                   tmp_path: Path, dataplane: str) -> None:
-    img = make_image(tmp_path / "disk.img", 128 * MiB)
+                                                   tmp_path: Path, dataplane: str,
+                                                   request: pytest.FixtureRequest) -> None:
+    where = tmp_path
+    if dataplane == "native-tmpfs":
+        # An image on tmpfs: the native engine reads and writes it in the
+        # worker (preadv/pwritev), not through io_uring as any other file.
+        if not on_tmpfs("/dev/shm"):
+            pytest.skip("/dev/shm is not a tmpfs")
+        where = Path(tempfile.mkdtemp(prefix="vdev-fio-", dir="/dev/shm"))
+        request.addfinalizer(lambda: shutil.rmtree(where, ignore_errors=True))
+        dataplane = "native"
+    img = make_image(where / "disk.img", 128 * MiB)
     sock, ctl = tmp_path / "blk.sock", tmp_path / "blk.ctl"
     vdev_daemon("blk", "--socket", str(sock), "--backend", f"file:{img}", "--queues", "2",
                 "--dataplane", dataplane, "--control", str(ctl), wait_for=sock)

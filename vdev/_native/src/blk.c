@@ -4,11 +4,15 @@
 #include <liburing.h>
 #include <linux/falloc.h>
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <linux/magic.h>
+#include <limits.h>
 #include <sys/uio.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 /* virtio 1.2 §5.2.6; the limits are those backends/blk/device.py offers. */
@@ -39,12 +43,13 @@ struct blk_req {
     int niov;
     struct iovec *iov;      /* the data's iovecs (inline or allocated) */
     struct iovec *iov_alloc;
-    struct iovec iov_inline[INLINE_IOV];
     int cur;                /* first iovec not yet fully moved */
     uint8_t *bounce;        /* O_DIRECT, misaligned: aligned bounce buffer */
     uint64_t bounce_skip;   /* where the data starts inside it */
     uint64_t bounce_len;
     struct iovec bounce_iov;
+    /* Last: scratch that needs no clearing between requests. */
+    struct iovec iov_inline[INLINE_IOV];
 };
 
 struct blk_dev {
@@ -71,6 +76,15 @@ static void make_zeros(void)
 
 /* ---- storage ---------------------------------------------------------------------- */
 
+/* A file whose pages live only in memory (tmpfs, ramfs): see sync_rw in blk.h. */
+static int memory_backed(int fd)
+{
+    struct statfs s;
+    if (fstatfs(fd, &s) != 0)
+        return 0;
+    return s.f_type == TMPFS_MAGIC || s.f_type == RAMFS_MAGIC;
+}
+
 struct vd_blk_storage *vd_blk_storage_new(int kind, uint8_t *mem, uint64_t size, int fd, int direct,
                                           uint32_t block, int read_only)
 {
@@ -84,6 +98,8 @@ struct vd_blk_storage *vd_blk_storage_new(int kind, uint8_t *mem, uint64_t size,
     st->direct = direct;
     st->block = block ? block : SECTOR;
     st->read_only = read_only;
+    if (kind == VD_BLK_FILE && !direct && fd >= 0)
+        st->sync_rw = memory_backed(fd);
     pthread_mutex_init(&st->lock, NULL);
     pthread_cond_init(&st->cond, NULL);
     return st;
@@ -148,7 +164,7 @@ static void req_reset(struct blk_req *r)
 {
     free(r->iov_alloc);
     free(r->bounce);
-    memset(r, 0, sizeof *r);
+    memset(r, 0, offsetof(struct blk_req, iov_inline));
 }
 
 /* iovecs for bytes [skip, skip+len) of a buffer list (regions split). */
@@ -170,13 +186,20 @@ static int build_iov(struct vd_engine *e, struct blk_req *r, const struct vd_buf
         if (blen > len)
             blen = len;
         while (blen > 0) {
-            /* The chain was bounds-checked at pop; split at region ends. */
             uint8_t *h;
-            uint64_t piece = vd_mem_span(m, gpa, &h);
-            if (piece == 0)
-                return -1;
-            if (piece > blen)
+            uint64_t piece;
+            if (bufs[i].host != NULL) {
+                /* In one region: pop translated it already. */
+                h = bufs[i].host + (gpa - bufs[i].gpa);
                 piece = blen;
+            } else {
+                /* Bounds-checked at pop, crossing regions: split at their ends. */
+                piece = vd_mem_span(m, gpa, &h);
+                if (piece == 0)
+                    return -1;
+                if (piece > blen)
+                    piece = blen;
+            }
             if (cnt == cap) {
                 int ncap = cap * 4;
                 struct iovec *bigger = malloc(sizeof *bigger * (size_t)ncap);
@@ -206,7 +229,8 @@ static uint8_t *status_byte(struct vd_engine *e, const struct vd_chain *c)
     for (uint32_t i = c->nread + c->nwrite; i > c->nread; i--) {
         const struct vd_buf *b = &c->bufs[i - 1];
         if (b->len > 0)
-            return vd_mem_translate(e->vr.mem, b->gpa + b->len - 1, 1);
+            return b->host != NULL ? b->host + b->len - 1
+                                   : vd_mem_translate(e->vr.mem, b->gpa + b->len - 1, 1);
     }
     return NULL;
 }
@@ -589,6 +613,35 @@ static bool iov_aligned(const struct blk_req *r, uint64_t b)
     return true;
 }
 
+/* A read or write of a memory-backed file, done here (sync_rw): short
+ * transfers resume where they stopped; the end of the file before the data
+ * is an I/O error, as on the io_uring path. */
+static uint8_t file_rw_sync(struct vd_engine *e, struct blk_req *r)
+{
+    struct blk_dev *d = dev_of(e);
+    int fd = d->st->fd;
+    while (r->done < r->len) {
+        int cnt = r->niov - r->cur;
+        if (cnt > IOV_MAX)
+            cnt = IOV_MAX;
+        off_t off = (off_t)(r->offset + r->done);
+        ssize_t n = r->type == T_IN ? preadv(fd, r->iov + r->cur, cnt, off)
+                                    : pwritev(fd, r->iov + r->cur, cnt, off);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return S_IOERR;
+        }
+        if (n == 0)
+            return S_IOERR;
+        advance(r, (uint64_t)n);
+    }
+    /* Writethrough: durable before it is acknowledged. */
+    if (r->type == T_OUT && !__atomic_load_n(&d->cfg->wce, __ATOMIC_RELAXED) && fdatasync(fd))
+        return S_IOERR;
+    return S_OK;
+}
+
 /* Start a read or write on a file; returns true if it went to io_uring,
  * false if it was parked (a read-modify-write runs on this storage). */
 static bool file_rw(struct vd_engine *e, uint16_t head)
@@ -691,6 +744,10 @@ static void execute_rw(struct vd_engine *e, uint16_t head)
             }
             return;
         }
+        if (st->sync_rw) {
+            finish(e, head, file_rw_sync(e, r));
+            return;
+        }
         if (r->type == T_OUT && st->direct && (r->offset % st->block || r->len % st->block)) {
             finish(e, head, rmw_write(e, r));
             return;
@@ -762,7 +819,10 @@ static int blk_handle(struct vd_engine *e, struct vd_chain *c)
         return 1;
     }
     uint8_t hdr[16];
-    vd_bufs_copy_out(e->vr.mem, rd, c->nread, 0, hdr, 16);
+    if (rd[0].host != NULL && rd[0].len >= 16)
+        memcpy(hdr, rd[0].host, 16);
+    else
+        vd_bufs_copy_out(e->vr.mem, rd, c->nread, 0, hdr, 16);
     uint32_t type;
     uint64_t sector;
     memcpy(&type, hdr, 4);
@@ -800,6 +860,10 @@ static int blk_handle(struct vd_engine *e, struct vd_chain *c)
     }
     case T_FLUSH:
         r->used_len = 1;
+        if (d->st->kind == VD_BLK_FILE && d->st->sync_rw) {
+            finish(e, head, fdatasync(d->st->fd) ? S_IOERR : S_OK);
+            return 1;
+        }
         if (d->st->kind == VD_BLK_FILE) {
             submit_flush(d, head);
             return 0;

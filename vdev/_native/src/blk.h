@@ -9,7 +9,12 @@
  *   file  io_uring (readv / writev / fsync), many requests in flight per
  *         queue; DISCARD and WRITE_ZEROES as fallocate (PUNCH_HOLE,
  *         ZERO_RANGE, falling back to writing zeros), done inline since
- *         they are rare.
+ *         they are rare.  A file on tmpfs or ramfs (without O_DIRECT) is
+ *         read and written by the worker itself with preadv / pwritev:
+ *         such a file cannot be read without blocking (no RWF_NOWAIT), so
+ *         io_uring would hand every request to an io-wq thread - a context
+ *         switch and a completion-eventfd wake-up each - for a copy from
+ *         or into memory that never waits for a device anyway.
  * With O_DIRECT, a request whose offset, length or memory is not aligned to
  * the storage's logical block size goes through an aligned bounce buffer;
  * a write covering part of a block is a read-modify-write, which runs
@@ -49,6 +54,7 @@ struct vd_blk_storage {
     uint64_t size;        /* bytes of storage */
     int fd;               /* VD_BLK_FILE: owned by the Python storage object */
     int direct;           /* fd has O_DIRECT */
+    int sync_rw;          /* tmpfs / ramfs, not direct: reads and writes done in the worker */
     uint32_t block;       /* logical block size */
     int read_only;
     /* learned: fallocate modes the file does not support */

@@ -140,8 +140,15 @@ static int drain(struct vd_engine *e)
             if (e->ops->submit)
                 e->ops->submit(e);
             reap(e);
-            flush(e);
         }
+        /* Publish what completed now, not at the end of the drain: a driver
+         * waiting for its first completion (used_event) is woken while we
+         * go on, refills the ring meanwhile and this loop takes the new
+         * chains without a kick or a sleep on either side (the overlap
+         * QEMU's per-request vu_queue_notify gets).  Publishing is one
+         * release store; the call is still written only when the driver's
+         * used_event / NO_INTERRUPT asks for it (§2.7.10). */
+        flush(e);
     }
     RELAXED_STORE(&e->stats.inflight, e->inflight);
     if (e->ops->submit)
@@ -156,7 +163,38 @@ static void read_counter(int fd, uint64_t *sum)
         vd_stat_add(sum, v);
 }
 
-/* Sleep until a kick, a control request or a completion (or `timeout_ms`). */
+/* Reset the eventfds the last wake-up found readable.  Not done on waking:
+ * the kick's read() would then sit between the driver's kick and our first
+ * look at the ring, on every request's path at queue depth 1.  Each counter
+ * is read after the work it announced was looked at and before the look
+ * that precedes the next sleep: the control eventfd before take_requests(),
+ * the completion eventfd before reap(), the kick before
+ * vd_vring_enable_notify()'s last look at the ring.  Whatever arrives after
+ * the read leaves the counter set, so the next poll() returns at once and
+ * nothing is lost. */
+static void settle_ctl(struct vd_engine *e)
+{
+    if (e->woke_ctl)
+        read_counter(e->ctl_fd, NULL);
+    e->woke_ctl = false;
+}
+
+static void settle_event(struct vd_engine *e)
+{
+    if (e->woke_event)
+        read_counter(event_fd(e), NULL);
+    e->woke_event = false;
+}
+
+static void settle_kick(struct vd_engine *e)
+{
+    if (e->woke_kick)
+        read_counter(e->kick_fd, &e->stats.kicks);
+    e->woke_kick = false;
+}
+
+/* Sleep until a kick, a control request or a completion (or `timeout_ms`);
+ * the counters of what woke us are read later (settle_*). */
 static void sleep_for_work(struct vd_engine *e, bool kicks, int timeout_ms)
 {
     struct pollfd p[3];
@@ -178,12 +216,9 @@ static void sleep_for_work(struct vd_engine *e, bool kicks, int timeout_ms)
     if (r <= 0)
         return;
     vd_stat_add(&e->stats.wakeups, 1);
-    if (p[0].revents)
-        read_counter(e->ctl_fd, NULL);
-    if (ik >= 0 && p[ik].revents)
-        read_counter(e->kick_fd, &e->stats.kicks);
-    if (ie >= 0 && p[ie].revents)
-        read_counter(efd, NULL);
+    e->woke_ctl = p[0].revents != 0;
+    e->woke_kick = ik >= 0 && p[ik].revents;
+    e->woke_event = ie >= 0 && p[ie].revents;
 }
 
 /* Apply fd changes asked for by Python; returns the wanted state. */
@@ -215,9 +250,12 @@ static void *worker(void *arg)
 {
     struct vd_engine *e = arg;
     for (;;) {
+        settle_ctl(e);
         int want = take_requests(e);
         if (want != VD_WANT_RUN) {
             /* Hold or stop: take nothing new, finish what is in flight. */
+            settle_kick(e);
+            settle_event(e);
             reap(e);
             flush(e);
             int pk = parked(e);
@@ -249,6 +287,8 @@ static void *worker(void *arg)
 
         if (e->vr.broken) {
             /* Nothing valid can be taken any more; finish, then wait for control. */
+            settle_kick(e);
+            settle_event(e);
             reap(e);
             flush(e);
             sleep_for_work(e, false, -1);
@@ -256,10 +296,12 @@ static void *worker(void *arg)
         }
 
         int taken = drain(e);
+        settle_event(e);
         reap(e);
         if (parked(e) && e->ops->handle_parked)
             e->ops->handle_parked(e);
         flush(e);
+        settle_kick(e);
         if (taken > 0)
             continue;
 

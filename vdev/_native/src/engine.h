@@ -97,6 +97,8 @@ struct vd_engine {
     int want;               /* VD_WANT_* (under lock) */
     int state;              /* VD_STATE_* (under lock) */
     uint32_t inflight;      /* worker-owned; mirrored into stats.inflight */
+    /* worker-owned: eventfds the last wake-up found readable, not yet read */
+    bool woke_ctl, woke_kick, woke_event;
 
     struct vd_engine_stats stats;
     struct vd_hist hist;

@@ -256,14 +256,18 @@ static int walk(struct vd_vring *vr, struct vd_chain *c)
         /* A bad buffer or a wrong order does not stop the walk: the structure
          * is still sound, so go on to the end (loops are still caught by the
          * budget) to learn whether the last descriptor can take a status. */
-        bool in_bounds = vd_mem_check(mem, addr, len) == 0;
+        /* One lookup: the host address of a buffer inside one region (the
+         * device then uses it without translating again); a buffer crossing
+         * into an adjacent region is checked piecewise. */
+        uint8_t *host = len > 0 ? vd_mem_translate(mem, addr, len) : NULL;
+        bool in_bounds = host != NULL || vd_mem_check(mem, addr, len) == 0;
         if (!in_bounds && !deferred) {
             deferred = VD_E_BUFFER_OUTSIDE_MEMORY;
             deferred_gpa = addr;
             deferred_len = len;
         }
         bool is_write = flags & VD_DESC_F_WRITE;
-        struct vd_buf b = { addr, len, flags };
+        struct vd_buf b = { addr, len, flags, host };
         if (is_write) {
             c->bufs[c->nread + c->nwrite++] = b;
             c->write_len += len;

@@ -85,10 +85,11 @@ struct vd_buf {
     uint64_t gpa;
     uint32_t len;
     uint16_t flags;
+    uint8_t *host;       /* set by pop: [gpa, gpa+len) in one region, else NULL */
 };
 
 /* A popped chain: `nread` readable buffers, then `nwrite` writable ones, in
- * `bufs` (capacity `cap`, at least the queue size).  On a malformed chain
+ * `bufs` (capacity `cap`, at least vd_chain_cap(queue size)).  On a malformed chain
  * whose avail entry was consumed, `err` and `err_gpa`/`err_len` say why and
  * where (err_len is -1 when unknown), and `tail` is the chain's last
  * descriptor when it is writable, in guest memory and not empty (has_tail),
