@@ -85,7 +85,7 @@ class Source(threading.Thread):
     def run(self) -> None:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and not self.sent:
-            s = run_in_netns(self.ns, lambda: socket.socket())
+            s = run_in_netns(self.ns, socket.socket)
             try:
                 s.settimeout(120)
                 s.connect(self.addr)
