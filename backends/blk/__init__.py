@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -18,6 +19,7 @@ from vdev.cli import DeviceCommand, ServeOptions
 from vdev.config import parse_int, parse_queue_size
 from vdev.control import ControlServer
 from vdev.device import Device, serve
+from vdev.errors import DeviceError
 
 from .device import DATAPLANES, ID_BYTES, BlkDevice
 from .storage import StorageSpec, open_storage, parse_storage_url
@@ -133,6 +135,21 @@ def _storage_spec(url: str, *, read_only: bool) -> StorageSpec:
     return replace(spec, read_only=True) if read_only else spec
 
 
+#: open() errors that say "not for writing" (a read-only mount or device, permissions).
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ETXTBSY)
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+
+def _flag(value: object, name: str) -> bool:
+    """A boolean control parameter: JSON true/false, or the strings `vdev ctl` sends."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+        return value.lower() in _TRUE
+    raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
 def control_handlers(device: BlkDevice) -> dict[str, Any]:
     """The blk control commands (documented in README.md)."""
 
@@ -147,10 +164,20 @@ def control_handlers(device: BlkDevice) -> dict[str, Any]:
         url = request.get("backend")
         if not isinstance(url, str):
             raise ValueError(f"swap needs a string 'backend', got {url!r}")
-        # Under a read-only disk the new storage is opened read-only as well.
-        new = await open_storage(_storage_spec(url, read_only=device.read_only))
+        force = _flag(request.get("force", False), "force")
+        # Under a read-only disk the new storage is opened read-only as well;
+        # under a writable one it must open read-write, and if it cannot the
+        # operator is told why (EROFS, EACCES ...), nothing having changed.
         try:
-            old = await device.swap_storage(new)
+            new = await open_storage(_storage_spec(url, read_only=device.read_only))
+        except DeviceError as exc:
+            cause = exc.cause
+            if device.read_only or not (isinstance(cause, OSError) and cause.errno in _NOT_WRITABLE):
+                raise
+            raise DeviceError(f"cannot swap the writable disk to {url}: it does not open read-write",
+                              cause=cause) from exc
+        try:
+            old = await device.swap_storage(new, force=force)
         except BaseException:
             await new.aclose()
             raise
