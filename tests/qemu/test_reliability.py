@@ -33,68 +33,31 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from backends.blk.storage.stall import FuseImage, StallUnavailable
 from vdev.control import control_request
 from vdev.testing.guest import GuestImage, run_in_guest
 
 MiB = 1 << 20
 
 
-@dataclass
-class FuseImage:
-    """A raw image exported through FUSE by qemu-storage-daemon; its I/O can be stalled."""
-
-    path: Path
-    proc: subprocess.Popen[bytes]
-
-    def stall(self) -> None:
-        """Stop serving: every read or write of ``path`` waits until `unstall`."""
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def unstall(self) -> None:
-        self.proc.send_signal(signal.SIGCONT)
-
-
 @pytest.fixture
 def fuse_image(tmp_path: Path) -> Iterator[FuseImage]:
-    """A 64 MiB image served at ``tmp_path/mnt`` by qemu-storage-daemon's FUSE export."""
-    if not os.path.exists("/dev/fuse") or os.geteuid() != 0:
-        message = "a FUSE export needs /dev/fuse and root"
+    """A 64 MiB image served as a file through qemu-storage-daemon's FUSE export."""
+    try:
+        image = FuseImage(tmp_path, 64 * MiB)
+    except StallUnavailable as exc:
         if os.environ.get("CI") or os.environ.get("VDEV_REQUIRE_QEMU"):
-            pytest.fail(message)
-        pytest.skip(message)
-    base, mnt = tmp_path / "base.img", tmp_path / "mnt"
-    with open(base, "wb") as f:
-        f.truncate(64 * MiB)
-    mnt.touch()
-    proc = subprocess.Popen(["qemu-storage-daemon",
-                             "--blockdev", f"driver=file,node-name=f,filename={base}",
-                             "--export", f"type=fuse,id=e,node-name=f,mountpoint={mnt},writable=on"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 10
-    while os.stat(mnt).st_size != 64 * MiB:        # the placeholder is empty until mounted
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"qemu-storage-daemon did not export {base}: "
-                        f"{proc.stderr.read().decode() if proc.stderr else ''}")
-        time.sleep(0.05)
-    image = FuseImage(mnt, proc)
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
     try:
         yield image
     finally:
-        image.unstall()
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            subprocess.run(["umount", "-l", str(mnt)], check=False)
+        image.close()
 
 
 class Restartable:
@@ -187,7 +150,7 @@ dmesg | grep -iE 'error|blocked for more than' || true
     async def killer() -> None:
         for k in range(3):
             # Well into the write phase, with requests on storage.
-            await wait_for(lambda i: int(i["stats"].get("OUT", 0)) >= 300, ctl) 
+            await wait_for(lambda i: int(i["stats"].get("OUT", 0)) >= 300, ctl)
             fuse_image.stall()
             swap: asyncio.Task[dict[str, Any]] | None = None
             try:
