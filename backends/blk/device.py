@@ -557,6 +557,14 @@ class BlkDevice(Device):
 
     async def aclose(self) -> None:
         await self.drain(None)
+        if not self.read_only:
+            # Stopping (SIGTERM, or the server's end): what the guest wrote
+            # reaches stable storage even if it never sent a FLUSH.
+            try:
+                await self.storage.flush()
+                log.info("blk: storage flushed: %s", self.storage.url)
+            except Exception as exc:
+                log.warning("blk: flushing %s at close failed: %s", self.storage.url, exc)
         if self._native is not None:
             self._native.close()
             self._native = None
