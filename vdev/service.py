@@ -81,9 +81,9 @@ def check_pidfile(path: str) -> None:
     """
     p = Path(path)
     if not p.parent.is_dir():
-        raise ValueError(f"--pidfile: directory {str(p.parent)!r} does not exist")
+        raise ValueError(f"--pidfile {path}: directory {str(p.parent)!r} does not exist")
     if p.is_dir():
-        raise ValueError(f"--pidfile: {path!r} is a directory")
+        raise ValueError(f"--pidfile {path}: is a directory")
     pid = _pid_in(p)
     if pid is not None and _is_running_vdev(pid):
         raise ValueError(f"--pidfile {path}: vdev is already running as pid {pid}; stop it first "
