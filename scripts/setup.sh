@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Everything vdev needs on a fresh Debian 12 machine (run as root): Debian
 # packages (QEMU 7.2 and the tools the guest image is built from), then a venv
-# with the package and its test extra.  Safe to run again; it only installs
-# what is missing.
+# with the package and its test extra, then `vdev` on PATH (a launcher in
+# /usr/local/bin and bash completion: scripts/install-launcher.sh; skipped
+# with VDEV_NO_LAUNCHER=1).  Safe to run again; it only installs what is
+# missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PACKAGES=(qemu-system-x86 qemu-utils busybox-static fio socat iperf3 cpio nbdkit
-          python3 python3-venv python3-dev gcc libc6-dev libffi-dev liburing-dev xz-utils)
+          python3 python3-venv python3-dev gcc libc6-dev libffi-dev liburing-dev xz-utils
+          bash-completion)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -32,4 +35,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stam
     .venv/bin/pip install -q --upgrade pip
     .venv/bin/pip install -q -e '.[test]'
     touch "$stamp"
+fi
+if [ -z "${VDEV_NO_LAUNCHER:-}" ]; then
+    bash scripts/install-launcher.sh
 fi

@@ -12,7 +12,10 @@ listening socket; without either, systemd's ``LISTEN_FDS`` socket
 activation), ``--client`` (connect to a VMM that listens),
 ``--print-capabilities``, ``--log-level``, and for service managers
 ``--pidfile PATH`` and ``--shutdown-timeout S`` (see `vdev.service`; with
-``NOTIFY_SOCKET`` set, readiness goes to systemd).
+``NOTIFY_SOCKET`` set, readiness goes to systemd); and ``--metrics
+HOST:PORT``, a Prometheus endpoint (`vdev.metrics`), bound before the device
+is created so that a port in use ends the program before any vhost-user
+socket exists.
 
 Stopping: SIGTERM or SIGINT makes the daemon take no new requests, finish
 those in flight, flush and close its storage and exit 0; a second signal, or
@@ -31,12 +34,14 @@ import logging
 import os
 import signal
 import sys
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, ClassVar, NoReturn
 
 from . import __version__, service
+from .control import JOB_FINAL_PHASES, URL_KEYS, ControlCommand, absolute_url
 from .device import LISTENING_HOOK, Device, serve
 
 log = logging.getLogger("vdev")
@@ -56,6 +61,8 @@ class ServeOptions:
     client: bool
     pidfile: str | None = None
     shutdown_timeout: float = 30.0
+    #: ``--metrics``: (host, port) of the Prometheus endpoint, or None (off).
+    metrics: tuple[str, int] | None = None
 
 
 class DeviceCommand(abc.ABC):
@@ -67,6 +74,11 @@ class DeviceCommand(abc.ABC):
     capability_type: ClassVar[str]
     #: A QEMU command line that attaches the device, shown in --help.
     qemu_example: ClassVar[str] = ""
+    #: The ``--control`` socket's commands, for ``vdev ctl --help`` and completion.
+    control_commands: ClassVar[tuple[ControlCommand, ...]] = ()
+    #: spec "Backend program conventions": the features --print-capabilities
+    #: lists (vhost-user.json, e.g. ``read-only`` for a block device).
+    capability_features: ClassVar[tuple[str, ...]] = ()
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """Add the device's own options."""
@@ -80,7 +92,7 @@ class DeviceCommand(abc.ABC):
         """Build the device (open files, connect storage)."""
 
     def capabilities(self) -> dict[str, Any]:
-        return {"type": self.capability_type, "features": []}
+        return {"type": self.capability_type, "features": list(self.capability_features)}
 
     async def serve(self, device: Device, config: Any, where: ServeOptions) -> None:
         """Serve the device; a command may override this to run more (a control socket)."""
@@ -104,36 +116,83 @@ def load_commands() -> dict[str, DeviceCommand]:
     return commands
 
 
-def build_parser(commands: dict[str, DeviceCommand]) -> argparse.ArgumentParser:
-    # The tools are not devices: they get no entry in the devices list (no
-    # help= on their subparser) and are listed apart, in the epilog.
+TOOLS = (("ctl", "send a command to a running daemon's --control socket (vdev ctl --help)"),
+         ("bench", "drive a back end and measure it (vdev bench blk SOCKET …)"),
+         ("completion", "print a shell completion script (vdev completion bash)"))
+
+
+def _ctl_epilog(commands: dict[str, DeviceCommand]) -> str:
+    lines = ["commands (KEY=VALUE parameters; [optional]):"]
+    for name, cmd in commands.items():
+        if not cmd.control_commands:
+            continue
+        lines.append(f"  {name}:")
+        for c in cmd.control_commands:
+            lines.append(f"    {c.synopsis()}")
+            lines.extend(textwrap.wrap(c.summary, 88, initial_indent=" " * 8, subsequent_indent=" " * 8))
+    lines += ["",
+              "--wait (with a command that starts a job, e.g. mirror): show its progress on a",
+              "terminal and return when it ends; exit status 0 only if it succeeded.",
+              "Relative paths in backend= and target= are made absolute against your directory.",
+              "",
+              "example:",
+              "  vdev ctl /tmp/blk.ctl mirror target=nbd://storage-host/disk --wait"]
+    return "\n".join(lines)
+
+
+def build_parser(commands: dict[str, DeviceCommand], *,
+                 tools_as_commands: bool = False) -> argparse.ArgumentParser:
+    """The ``vdev`` parser.  The tools are not devices: they get no entry in
+    the devices list (no help= on their subparser) and are listed apart, in
+    the epilog; ``tools_as_commands`` lists them as subcommands (for the
+    completion generator, which skips unlisted ones)."""
+    tool_help = dict(TOOLS)
+
+    def tool(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        if tools_as_commands:
+            kwargs["help"] = tool_help[name]
+        p: argparse.ArgumentParser = sub.add_parser(name, **kwargs)
+        p.error = _Parser.error.__get__(p)  # type: ignore[method-assign]
+        return p
+
     parser = _Parser(prog="vdev", description="Standalone virtio device back ends over vhost-user.",
-                     epilog="tools:\n"
-                            "  ctl       send a command to a running daemon's --control socket\n"
-                            "  bench     drive a back end and measure it (vdev bench blk SOCKET …)",
+                     epilog="tools:\n" + "\n".join(f"  {name:<11} {text}" for name, text in TOOLS),
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"vdev {__version__}")
     sub = parser.add_subparsers(dest="device", metavar="DEVICE", title="devices")
-    ctl = sub.add_parser("ctl",
-                         description="Send one JSON command to a daemon's control socket and print "
-                                     "the reply, e.g. `vdev ctl /tmp/blk.ctl swap backend=file:/b.img`.")
-    ctl.error = _Parser.error.__get__(ctl)  # type: ignore[method-assign]
+    ctl = tool("ctl", description="Send one JSON command to a daemon's control socket and print "
+                                  "the reply, e.g. `vdev ctl /tmp/blk.ctl swap backend=file:/b.img`.",
+               epilog=_ctl_epilog(commands), formatter_class=argparse.RawDescriptionHelpFormatter)
     ctl.add_argument("control", metavar="PATH", help="the daemon's --control socket")
-    ctl.add_argument("command", help="command name (blk: info, swap, resize)")
+    ctl.add_argument("command", help="command name (listed below)")
     ctl.add_argument("params", nargs="*", metavar="KEY=VALUE", help="command parameters")
+    ctl.add_argument("--reset", action="store_true",
+                     help="latency: report, then start a new window (the request field reset=true)")
+    shape = ctl.add_mutually_exclusive_group()
+    shape.add_argument("--table", action="store_true",
+                       help="print a table for commands that have one (latency); the default "
+                            "when stdout is a terminal")
+    shape.add_argument("--json", action="store_true",
+                       help="print the JSON reply; the default when stdout is not a terminal")
+    ctl.add_argument("--wait", action="store_true",
+                     help="wait for the job the command starts; a progress bar on a terminal")
     from .bench.cli import add_arguments as add_bench_arguments
-    bench = sub.add_parser("bench", description="Benchmarks that drive a back end the way a guest does.")
-    bench.error = _Parser.error.__get__(bench)  # type: ignore[method-assign]
+    bench = tool("bench", description="Benchmarks that drive a back end the way a guest does.")
     add_bench_arguments(bench, _Parser.error)
+    completion = tool("completion", description="Print a completion script for the shell, generated "
+                      "from this command line (devices, options, control commands). Install: vdev "
+                      "completion bash > /usr/local/share/bash-completion/completions/vdev")
+    completion.add_argument("shell", choices=["bash"], help="the shell (bash)")
     for name, cmd in commands.items():
-        epilog = f"QEMU example:\n  {cmd.qemu_example}" if cmd.qemu_example else None
+        epilog = ("QEMU example:\n" + textwrap.indent(cmd.qemu_example, "  ")) if cmd.qemu_example else None
         p = sub.add_parser(name, help=cmd.summary, description=cmd.summary, epilog=epilog,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.error = _Parser.error.__get__(p)  # type: ignore[method-assign]
         common = p.add_argument_group("vhost-user")
         common.add_argument("--socket", "--socket-path", dest="socket", metavar="PATH",
                             help="vhost-user Unix socket (listened on, or connected to with --client)")
-        common.add_argument("--fd", type=int, metavar="N", help="inherited listening socket fd")
+        common.add_argument("--fd", type=int, metavar="N",
+                            help="inherited listening socket fd (systemd socket activation: --fd 3)")
         common.add_argument("--client", action="store_true",
                             help="connect to PATH (a VMM started with server=on) instead of listening")
         common.add_argument("--pidfile", metavar="PATH",
@@ -145,6 +204,9 @@ def build_parser(commands: dict[str, DeviceCommand]) -> argparse.ArgumentParser:
                             help="print the back end's capabilities as JSON and exit")
         common.add_argument("--log-level", default="info",
                             choices=["debug", "info", "warning", "error"], help="log verbosity")
+        common.add_argument("--metrics", metavar="HOST:PORT",
+                            help="serve Prometheus metrics at http://HOST:PORT/metrics (per-queue "
+                                 "requests, bytes, kicks, calls, latency histograms; off by default)")
         cmd.add_arguments(p)
     return parser
 
@@ -173,7 +235,11 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         raise ValueError(f"--shutdown-timeout: {args.shutdown_timeout!r} is not in (0, {MAX_SHUTDOWN_TIMEOUT:g}]")
     if args.pidfile is not None:
         service.check_pidfile(args.pidfile)
-    return ServeOptions(args.socket, fd, args.client, args.pidfile, timeout)
+    metrics = None
+    if args.metrics is not None:
+        from .metrics import parse_hostport
+        metrics = parse_hostport(args.metrics)
+    return ServeOptions(args.socket, fd, args.client, args.pidfile, timeout, metrics)
 
 
 class _Lifecycle:
@@ -243,13 +309,21 @@ async def _run(cmd: DeviceCommand, config: Any, where: ServeOptions) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, life.on_signal, sig)
     token = LISTENING_HOOK.set(life.listening)
+    metrics = None
     try:
+        if where.metrics is not None:
+            from .metrics import MetricsServer
+            # Bound first: a port in use ends vdev before storage opens or a socket exists.
+            metrics = MetricsServer(*where.metrics)
+            metrics.start()
         try:
             life.device = await cmd.create(config)
         except asyncio.CancelledError:
             if life.stopping is None:
                 raise
             return                                  # stopped while the device was being made
+        if metrics is not None:
+            metrics.attach(life.device)
         with contextlib.suppress(asyncio.CancelledError):
             await cmd.serve(life.device, config, where)
         if life.stopping is not None and not life.stopping.done():
@@ -258,13 +332,15 @@ async def _run(cmd: DeviceCommand, config: Any, where: ServeOptions) -> None:
     finally:
         LISTENING_HOOK.reset(token)
         life.finished()
+        if metrics is not None:
+            await asyncio.to_thread(metrics.close)
         # Otherwise the signals stay bound to a closed loop and are swallowed
         # for the rest of the process (a caller of main() could not be killed).
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
 
 
-def _ctl(args: argparse.Namespace) -> int:
+def _ctl(args: argparse.Namespace, commands: dict[str, DeviceCommand]) -> int:
     from .control import control_request
 
     request: dict[str, Any] = {"command": args.command}
@@ -273,14 +349,107 @@ def _ctl(args: argparse.Namespace) -> int:
         if not sep or not key:
             print(f"vdev ctl: error: parameter {param!r} is not KEY=VALUE", file=sys.stderr)
             return 2
-        request[key] = value
+        if key in request:
+            print(f"vdev ctl: error: parameter {key!r} given twice", file=sys.stderr)
+            return 2
+        # The daemon's working directory is not ours: a relative path means ours.
+        request[key] = absolute_url(value, os.getcwd()) if key in URL_KEYS else value
+    if args.reset:
+        if args.command != "latency":
+            print(f"vdev ctl: error: --reset applies to the latency command, not {args.command!r}",
+                  file=sys.stderr)
+            return 2
+        request["reset"] = True
+    if args.wait and not any(c.name == args.command and c.starts_job
+                             for cmd in commands.values() for c in cmd.control_commands):
+        jobs = sorted({c.name for cmd in commands.values() for c in cmd.control_commands if c.starts_job})
+        print(f"vdev ctl: error: --wait: {args.command!r} starts no job (only {', '.join(jobs)} do)",
+              file=sys.stderr)
+        return 2
     try:
         reply = asyncio.run(control_request(args.control, request))
-    except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError, ConnectionError) as exc:
         print(f"vdev ctl: error: {args.control}: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(reply, indent=2))
-    return 0 if reply.get("ok") else 1
+    if not args.wait or not reply.get("ok"):
+        table = _CTL_TABLES.get(args.command)
+        if reply.get("ok") and table is not None and (args.table or (sys.stdout.isatty() and not args.json)):
+            print(table(reply))
+        else:
+            print(json.dumps(reply, indent=2))
+        return 0 if reply.get("ok") else 1
+    job = reply.get("job")
+    if not isinstance(job, dict) or "id" not in job:
+        print(json.dumps(reply, indent=2))
+        print("vdev ctl: error: --wait: the reply names no job", file=sys.stderr)
+        return 1
+    try:
+        final = asyncio.run(_wait_job(args.control, job, sys.stderr.isatty()))
+    except KeyboardInterrupt:
+        print(f"\nvdev ctl: stopped waiting; job {job['id']} goes on (stop it: vdev ctl {args.control} "
+              "cancel)", file=sys.stderr)
+        return 130
+    except (TimeoutError, OSError, ConnectionError, ValueError) as exc:
+        print(f"vdev ctl: error: while waiting for job {job['id']}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(final, indent=2))
+    return 0 if final.get("phase") == "done" else 1
+
+
+#: Seconds between two progress polls of --wait.
+WAIT_POLL = 0.2
+
+
+async def _wait_job(path: str, job: dict[str, Any], tty: bool) -> dict[str, Any]:
+    """Poll ``jobs`` until ``job`` reaches a final phase; draw a progress bar on a terminal.
+
+    Raises:
+        ValueError: the daemon refused ``jobs`` or forgot the job.
+    """
+    from .control import control_request
+
+    current = job
+    try:
+        while current.get("phase") not in JOB_FINAL_PHASES:
+            await asyncio.sleep(WAIT_POLL)
+            reply = await control_request(path, {"command": "jobs"})
+            if not reply.get("ok"):
+                raise ValueError(f"jobs failed: {reply.get('error')}")
+            found = [j for j in reply.get("jobs", []) if isinstance(j, dict) and j.get("id") == job["id"]]
+            if not found:
+                raise ValueError("the daemon no longer lists it")
+            current = found[0]
+            if tty:
+                print("\r" + progress_line(current), end="", file=sys.stderr, flush=True)
+    finally:
+        if tty:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
+    return current
+
+
+def _mib(n: object) -> str:
+    return f"{n / (1 << 20):.1f}" if isinstance(n, (int, float)) else "?"
+
+
+def progress_line(job: dict[str, Any], width: int = 30) -> str:
+    """One line: ``mirror 1 [#####-----]  52.0%  532.1/1024.0 MiB  dirty 12.5 MiB  210.3 MiB/s  copying``."""
+    progress = job.get("progress")
+    frac = min(1.0, max(0.0, float(progress))) if isinstance(progress, (int, float)) else 0.0
+    filled = int(frac * width)
+    size = job.get("size")
+    done = size * frac if isinstance(size, (int, float)) else None
+    return (f"{job.get('type', 'job')} {job.get('id')} [{'#' * filled}{'-' * (width - filled)}] "
+            f"{frac * 100:5.1f}%  {_mib(done)}/{_mib(size)} MiB  dirty {_mib(job.get('dirty_bytes'))} MiB  "
+            f"{_mib(job.get('rate'))} MiB/s  {job.get('phase')}   ")
+
+
+def _latency_table(reply: dict[str, Any]) -> str:
+    from .metrics import latency_table
+    return latency_table(reply)
+
+
+#: Commands whose reply `vdev ctl` can print as a table (on a terminal, or with --table).
+_CTL_TABLES = {"latency": _latency_table}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -301,7 +470,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     if args.device == "ctl":
-        return _ctl(args)
+        return _ctl(args, commands)
+    if args.device == "completion":
+        from .completion import bash_script
+        print(bash_script(commands), end="")
+        return 0
     if args.device == "bench":
         from .bench.cli import main as bench_main
         return bench_main(args)

@@ -14,7 +14,11 @@ or with the built-in client: ``vdev ctl /tmp/blk.ctl info`` /
 
 A device command supplies the handlers: a mapping from command name to an
 ``async (request: dict) -> dict`` function.  A handler raises ValueError (or
-a VdevError) to report a failure; the server keeps serving.
+a VdevError) to report a failure; the server keeps serving.  A handler made
+with `accepts` (or given a ``params`` attribute) names the parameters it
+takes, and a request with any other key is refused naming that key before
+the handler runs.  `ControlCommand` describes a command for ``vdev ctl
+--help`` and shell completion.
 
 Hostile clients: every request line gets exactly one JSON reply, whatever it
 holds (nesting too deep for the parser, integers past CPython's 4,300-digit
@@ -34,8 +38,10 @@ import contextlib
 import json
 import logging
 import os
+import re
 import socket
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from vhost_user.server import accept
@@ -45,6 +51,93 @@ from .errors import VdevError
 log = logging.getLogger("vdev.control")
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class ControlCommand:
+    """A control command as the user sees it: ``usage`` like
+    ``("target=URL", "[rate=BYTES_PER_SEC]")`` and a one-line summary."""
+
+    name: str
+    usage: tuple[str, ...] = ()
+    summary: str = ""
+    #: The reply carries a ``job`` (with an ``id``) that ``jobs`` reports on:
+    #: ``vdev ctl ... --wait`` follows it until its phase is final.
+    starts_job: bool = False
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        """The parameter names (``usage`` without brackets and values)."""
+        return tuple(u.strip("[]").partition("=")[0] for u in self.usage)
+
+    def synopsis(self) -> str:
+        return " ".join((self.name, *self.usage))
+
+
+#: Phases after which a job (``jobs``) changes no more.
+JOB_FINAL_PHASES = ("done", "failed", "cancelled")
+
+#: Request keys whose values are storage URLs.  `vdev ctl` makes the paths
+#: in them absolute against the caller's directory before sending (the
+#: daemon's working directory is not the caller's), and a daemon refuses
+#: relative ones from any other client.
+URL_KEYS = ("backend", "target")
+
+_SCHEME_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
+
+
+def url_paths(url: str) -> list[tuple[str, int, int]]:
+    """The file-system paths inside a storage URL, as (kind, start, end)
+    slices of ``url``: kind ``path`` for a bare path or ``file:PATH``,
+    ``socket`` for a ``socket=`` option (``nbd+unix://``)."""
+    out: list[tuple[str, int, int]] = []
+    m = _SCHEME_RE.match(url)
+    query_at = url.find("?")
+    end = len(url) if query_at < 0 else query_at
+    if url.startswith(("/", "./", "../")) or m is None:
+        out.append(("path", 0, end))
+    elif m.group(1).lower() == "file" and not url[m.end():].startswith("//"):
+        out.append(("path", m.end(), end))
+    if query_at >= 0:
+        pos = query_at + 1
+        for item in url[query_at + 1:].split("&"):
+            if item.lower().startswith("socket="):
+                out.append(("socket", pos + len("socket="), pos + len(item)))
+            pos += len(item) + 1
+    return [p for p in out if p[2] > p[1]]
+
+
+def relative_url_paths(url: str) -> list[tuple[str, str]]:
+    """(kind, path) of every relative path in a storage URL."""
+    return [(kind, url[a:b]) for kind, a, b in url_paths(url) if not os.path.isabs(url[a:b])]
+
+
+def absolute_url(url: str, cwd: str) -> str:
+    """``url`` with every relative path in it made absolute against ``cwd``."""
+    for _kind, a, b in reversed(url_paths(url)):
+        path = url[a:b]
+        if not os.path.isabs(path):
+            url = url[:a] + os.path.abspath(os.path.join(cwd, path)) + url[b:]
+    return url
+
+
+def accepts(handler: Handler, params: tuple[str, ...] | list[str]) -> Handler:
+    """Mark ``handler`` as taking exactly ``params`` (besides ``command``)."""
+    handler.params = tuple(params)  # type: ignore[attr-defined]
+    return handler
+
+
+def check_params(command: str, request: dict[str, Any], params: tuple[str, ...]) -> None:
+    """Refuse a request with a key ``command`` does not take, naming it.
+
+    Raises:
+        ValueError: e.g. ``swap: unknown parameter 'queues' (swap takes: backend, force)``.
+    """
+    unknown = [k for k in request if k != "command" and k not in params]
+    if unknown:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        takes = ", ".join(params) if params else "no parameters"
+        raise ValueError(f"{command}: unknown parameter {quote(unknown[0])}{more} ({command} takes: {takes})")
 #: Longest request line accepted, so a client cannot make us buffer without end.
 MAX_LINE = 64 * 1024
 #: Most clients connected at once; the next one is answered with an error and closed.
@@ -156,6 +249,9 @@ class ControlServer:
         if handler is None:
             return _error(f"unknown command {quote(name)}; known: {sorted(self.handlers)}")
         try:
+            params = getattr(handler, "params", None)
+            if params is not None:
+                check_params(str(name), request, params)
             result = await handler(request)
         except (ValueError, VdevError, OSError) as exc:
             log.warning("control %s failed: %s", name, quote(str(exc), 4 * MAX_QUOTE))

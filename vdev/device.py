@@ -55,7 +55,8 @@ from vhost_user.server import VhostUserServer
 
 from .engine import NativeEngine, RingSpec
 from .errors import GuestError, Unsupported
-from .memory import MemoryMap
+from .memory import MemoryMap, load_u16
+from .metrics import QueueAccounts, QueueSnapshot
 from .native import NativeMemory
 from .queue import Descriptor, DescriptorChain, Queue
 from .tracking import DirtyLog, InflightArea
@@ -87,6 +88,8 @@ class VirtQueue:
         self.task: asyncio.Task[None] | None = None
         self.rerun = False
         self.completed = 0
+        #: This queue's Python-path counters and latency (kept by the device).
+        self.stats = runtime.device.accounts.python_queue(queue.index)
 
     def chains(self) -> Iterator[DescriptorChain]:
         """Every available chain, with notifications handled per §2.7.10.
@@ -98,6 +101,7 @@ class VirtQueue:
         for item in self.queue.iter_available(self.mem):
             if isinstance(item, GuestError):
                 log.warning("%s: bad chain: %s", self.runtime.device.name, item)
+                self.stats.bad_chains += 1
                 if item.head is not None and self.queue.broken is None:
                     written = self.runtime.device.bad_chain(self, item)
                     if isinstance(item.tail, Descriptor):
@@ -110,12 +114,13 @@ class VirtQueue:
                 # nothing more; `resume` runs the queue again.
                 return
 
-    def complete(self, chain: DescriptorChain | int, written: int) -> None:
+    def complete(self, chain: DescriptorChain | int, written: int, t_pop_ns: int = 0) -> None:
         """Return a chain to the driver with ``written`` bytes of device-written data.
 
         Inside `process_queue` the interrupt is sent once at the end of the
         pass; outside it (an asynchronous completion) right away, unless
-        EVENT_IDX says the driver does not want one.
+        EVENT_IDX says the driver does not want one.  ``t_pop_ns``: when the
+        chain was taken (`time.monotonic_ns`), to record its latency; 0: none.
         """
         head = chain if isinstance(chain, int) else chain.head
         if not isinstance(chain, int):
@@ -130,6 +135,9 @@ class VirtQueue:
             return
         self.queue.add_used(self.mem, head, written)
         self.completed += 1
+        self.stats.requests += 1
+        if t_pop_ns:
+            self.stats.record(t_pop_ns)
         if not self.in_pass:
             self.notify_if_needed()
 
@@ -141,8 +149,12 @@ class VirtQueue:
         except GuestError as exc:
             log.warning("%s: %s", self.runtime.device.name, exc)
             needed = True
+        self.stats.batches += 1
         if needed:
+            self.stats.calls += 1
             self.runtime.signal(self.index)
+        else:
+            self.stats.calls_suppressed += 1
 
 
 class Device(abc.ABC):
@@ -154,6 +166,8 @@ class Device(abc.ABC):
     #: Whether requests may be taken again after a back-end crash (vhost-user
     #: INFLIGHT_SHMFD): true for request/response devices such as a disk.
     supports_inflight: ClassVar[bool] = False
+    #: Names of the per-type request counters (``by_type`` slots), for metrics.
+    request_types: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, *, num_queues: int = 1, queue_size: int = 256) -> None:
         if not 1 <= num_queues <= 256:
@@ -164,6 +178,8 @@ class Device(abc.ABC):
         self.queue_size = queue_size
         self.acked_features = 0
         self.runtime: DeviceRuntime | None = None
+        #: Per-queue counters and latency on both data paths (`vdev.metrics`).
+        self.accounts = QueueAccounts()
 
     @property
     def features(self) -> int:
@@ -196,7 +212,19 @@ class Device(abc.ABC):
         return None
 
     def engine_retired(self, index: int, engine: NativeEngine) -> None:
-        """The native engine of queue ``index`` stopped (its counters are final)."""
+        """The native engine of queue ``index`` stopped (its counters are final).
+        The default keeps its totals in `accounts`; an override calls it."""
+        self.accounts.retire(index, engine)
+
+    def python_inflight(self, index: int) -> int:
+        """Requests of queue ``index`` the Python path took and has not completed."""
+        return 0
+
+    def queue_snapshots(self) -> dict[int, QueueSnapshot]:
+        """Every queue's counters and latency histogram so far (both data paths,
+        stopped engines included), by index.  Safe from any thread."""
+        engines = self.runtime.engines if self.runtime is not None else {}
+        return self.accounts.snapshot(engines, self.python_inflight)
 
     def bad_chain(self, vq: VirtQueue, error: GuestError) -> int:
         """A malformed chain is about to go back to the driver; return the used length.
@@ -535,6 +563,9 @@ class DeviceRuntime(BackendHooks):
     def _on_kick(self, index: int, fd: int) -> None:
         with contextlib.suppress(BlockingIOError, InterruptedError):
             os.read(fd, 8)
+        vq = self.queues.get(index)
+        if vq is not None:
+            vq.stats.kicks += 1
         self.schedule(index)
 
     def signal(self, index: int) -> None:
@@ -567,6 +598,7 @@ class DeviceRuntime(BackendHooks):
             if vq.stopped or vq.index not in self.enabled:
                 return
             vq.in_pass = True
+            vq.stats.wakeups += 1
             try:
                 await self.device.process_queue(vq)
             except GuestError as exc:
@@ -640,6 +672,23 @@ class DeviceRuntime(BackendHooks):
     def release(self) -> None:
         self._holds = max(0, self._holds - 1)
         self.resume()
+
+    def ring_backlog(self) -> int:
+        """Requests the driver has made available and not yet seen used, over
+        every started ring (avail.idx - used.idx, read from guest memory):
+        those in flight plus those still waiting in the rings."""
+        total = 0
+        mem = self.mem
+        for vring in list(self.vrings.values()):
+            if vring.addr is None:
+                continue
+            try:
+                avail = mem.frontend_to_guest(vring.addr.avail, 4)
+                used = mem.frontend_to_guest(vring.addr.used, 4)
+                total += (load_u16(mem, avail + 2) - load_u16(mem, used + 2)) & 0xFFFF
+            except GuestError:
+                continue
+        return total
 
     def engine_stats(self) -> dict[int, dict[str, object]]:
         """Counters of every native engine, by queue index (read without stopping them)."""

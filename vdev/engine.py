@@ -19,13 +19,16 @@ None is served on the Python path.
     close()                        free it
 
 `stats()` and `histogram()` copy the worker's counters and its latency
-histogram without stopping it.
+histogram without stopping it, from any thread (the metrics endpoint reads
+them from its HTTP thread); a lock orders them against `close()`, so a copy
+never reads an engine being freed (after `close()` they raise `EngineClosed`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +38,7 @@ from .histogram import LatencyHistogram
 from .native import NativeMemory, ring_error
 from .tracking import DirtyLog, InflightRegion
 
-__all__ = ["NativeEngine", "RingSpec", "ENGINE_COUNTERS"]
+__all__ = ["ENGINE_COUNTERS", "EngineClosed", "NativeEngine", "RingSpec"]
 
 #: The per-queue counters every engine keeps (names as `stats()` returns them).
 ENGINE_COUNTERS = ("requests", "bytes_read", "bytes_written", "errors", "bad_chains", "kicks",
@@ -57,6 +60,10 @@ class RingSpec:
     indirect: bool
 
 
+class EngineClosed(VdevError):
+    """The engine was closed: it has no counters any more."""
+
+
 def _dup(fd: int | None) -> int:
     return -1 if fd is None else os.dup(fd)
 
@@ -69,6 +76,8 @@ class NativeEngine:
             err = ffi.errno
             raise VdevError(f"cannot create a native queue engine: {os.strerror(err)}")
         self._e: Any = cdata
+        #: Held around the copies and the free (copies come from other threads too).
+        self._lock = threading.Lock()
         self.poll_us = poll_us
         self._mem: NativeMemory | None = None
         self._log: DirtyLog | None = None
@@ -156,14 +165,18 @@ class NativeEngine:
         return int(avail), int(used[0])
 
     def close(self) -> None:
-        if self._e is not None:
-            lib.vd_engine_free(self._e)
-            self._e = None
-            self._mem = None
+        with self._lock:
+            if self._e is not None:
+                lib.vd_engine_free(self._e)
+                self._e = None
+                self._mem = None
 
     def stats(self) -> dict[str, Any]:
         out = ffi.new("struct vd_engine_stats *")
-        lib.vd_engine_stats(self._e, out)
+        with self._lock:
+            if self._e is None:
+                raise EngineClosed(f"queue {self.index}: engine closed")
+            lib.vd_engine_stats(self._e, out)
         d: dict[str, Any] = {name: int(getattr(out, name)) for name in ENGINE_COUNTERS}
         d["by_type"] = [int(x) for x in out.by_type]
         d["broken"] = int(out.broken)
@@ -171,5 +184,8 @@ class NativeEngine:
 
     def histogram(self) -> LatencyHistogram:
         out = ffi.new("struct vd_hist *")
-        lib.vd_engine_hist(self._e, out)
+        with self._lock:
+            if self._e is None:
+                raise EngineClosed(f"queue {self.index}: engine closed")
+            lib.vd_engine_hist(self._e, out)
         return LatencyHistogram.from_cdata(out)

@@ -172,7 +172,14 @@ class RegionTable:
         for r in self.regions:
             if r.frontend_addr <= addr and addr + length <= r.frontend_addr + r.size:
                 return GuestAddr(r.gpa + (addr - r.frontend_addr))
-        raise GuestError("front-end address not in any memory region", gpa=addr, length=length)
+        # The usual cause: guest RAM the front-end could not share (QEMU sends
+        # only regions backed by a file descriptor, so plain -m RAM is missing
+        # from the table and every ring address falls outside it).
+        raise GuestError(f"front-end address not in any memory region (the table has {len(self.regions)} "
+                         f"region{'s' if len(self.regions) != 1 else ''}, {self.total_size >> 20} MiB): "
+                         "is guest RAM shared with the back end? QEMU needs "
+                         "-object memory-backend-memfd,id=mem,size=...,share=on with "
+                         "-numa node,memdev=mem (or -machine memory-backend=mem)", gpa=addr, length=length)
 
     @property
     def total_size(self) -> int:

@@ -67,6 +67,8 @@ HANDLER_PROTOCOL_FEATURES = (ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK
 MAX_MEM_SLOTS = 509
 #: Largest split-ring size (virtio 1.2 §2.7: Queue Size ≤ 32768, a power of 2).
 MAX_SPLIT_QUEUE_SIZE = 32768
+#: virtio 1.2 §2.1 device status: the driver is set up and ready to drive the device.
+VIRTIO_STATUS_DRIVER_OK = 4
 
 
 @dataclass
@@ -213,6 +215,8 @@ class BackendHandler:
         self.hooks = hooks
         self.vrings = [Vring(i) for i in range(hooks.num_queues)]
         self.state = _State()
+        #: The last request handled (for the diagnosis when the front-end leaves).
+        self.last_request: FrontendReq | None = None
 
     # -- what we offer -----------------------------------------------------
 
@@ -264,6 +268,8 @@ class BackendHandler:
                 # process_queue; the hooks' cleanup paths already cover any exception.
                 log.exception("request %s: unexpected error in a device hook", name)
                 error = ProtocolError(f"{name} failed: {exc!r}", request=name)
+        if isinstance(msg.request, FrontendReq):
+            self.last_request = msg.request
         if error is not None:
             level = logging.INFO if isinstance(error, Unsupported) else logging.WARNING
             log.log(level, "request %s failed: %s", name, error)
@@ -392,6 +398,7 @@ class BackendHandler:
                 self.hooks.set_vring_enabled(vring.index, False)
 
     def _on_get_queue_num(self, msg: Message) -> U64:
+        log.info("front-end asked for the queue count: %d offered", len(self.vrings))
         return U64(len(self.vrings))
 
     # -- memory --------------------------------------------------------------
@@ -647,6 +654,10 @@ class BackendHandler:
         if msg.payload.value > 0xFF:
             raise ProtocolError("device status is one byte", request=msg.request.name,
                                 value=msg.payload.value)
+        if msg.payload.value & VIRTIO_STATUS_DRIVER_OK and not self.state.status & VIRTIO_STATUS_DRIVER_OK:
+            started = [v.index for v in self.vrings if v.started]
+            log.info("front-end set DRIVER_OK with %d of the %d queues offered started%s", len(started),
+                     len(self.vrings), f" ({', '.join(map(str, started))})" if started else "")
         self.state.status = msg.payload.value
         self.hooks.set_status(msg.payload.value)
 
@@ -689,6 +700,15 @@ class BackendHandler:
 
     def close(self) -> None:
         """The connection ended: stop everything and release every fd."""
+        if self.last_request is FrontendReq.GET_QUEUE_NUM:
+            # QEMU asks GET_QUEUE_NUM while it sets up and gives up at once
+            # when the answer is below its num-queues ("The maximum number of
+            # queues supported by the backend is N"); nothing else comes.
+            log.warning("front-end disconnected right after asking for the queue count, which was "
+                        "%d: it probably wants more queues than this back end offers (QEMU's "
+                        "num-queues, by default one per vCPU); start the back end with at least "
+                        "as many queues (vdev: --queues N)", len(self.vrings))
+        self.last_request = None
         self.reset_device()
         self.state.acked_protocol = ProtocolFeature(0)
         if self.state.regions:

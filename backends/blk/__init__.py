@@ -17,11 +17,13 @@ from typing import Any
 
 from vdev.cli import DeviceCommand, ServeOptions
 from vdev.config import parse_int, parse_queue_size
-from vdev.control import ControlServer
+from vdev.control import ControlCommand, ControlServer, accepts, relative_url_paths
 from vdev.device import Device, serve
 from vdev.errors import DeviceError
+from vdev.metrics import latency_handler
 
 from .device import DATAPLANES, ID_BYTES, BlkDevice
+from .mirror import Jobs
 from .storage import StorageSpec, open_storage, parse_storage_url
 
 QEMU_EXAMPLE = """\
@@ -43,6 +45,29 @@ NATIVE_SCHEMES = ("file", "mem", "null")
 MAX_POLL_US = 1_000_000
 
 
+#: The control commands, for `vdev ctl --help`, shell completion and the
+#: parameter check (each handler takes exactly the parameters named here).
+CONTROL_COMMANDS = (
+    ControlCommand("info", (), "the disk: storage, size, queues, requests in flight and held by a "
+                               "pause, counters, the last mirror"),
+    ControlCommand("swap", ("backend=URL", "[force=true]"),
+                   "switch the disk to other storage now (new requests wait, then I/O resumes, also "
+                   "after a pause); smaller storage needs force=true"),
+    ControlCommand("pause", (), "hold new requests and wait for those on storage"),
+    ControlCommand("resume", (), "let held requests go"),
+    ControlCommand("resize", (), "re-read the storage size; a change reaches the guest"),
+    ControlCommand("latency", ("[reset=true]",), "per-queue latency percentiles since start or the "
+                                                 "last reset (vdev ctl ... latency --reset)"),
+    ControlCommand("mirror", ("target=URL", "[granularity=SIZE]", "[rate=BYTES_PER_SEC]",
+                              "[pivot=auto|manual]"),
+                   "copy the disk to TARGET while the guest runs, then switch to it (--wait: "
+                   "progress, return at the end)", starts_job=True),
+    ControlCommand("jobs", (), "the running and the last mirror jobs, with progress"),
+    ControlCommand("cancel", (), "stop the running mirror; the disk stays on its storage"),
+    ControlCommand("pivot", (), "switch a pivot=manual mirror that is ready"),
+)
+
+
 @dataclass(frozen=True)
 class BlkConfig:
     backend: str
@@ -59,13 +84,20 @@ class BlkCommand(DeviceCommand):
     name = "blk"
     summary = "virtio-blk disk over swappable storage (vhost-user-blk)"
     capability_type = "block"
+    # vhost-user.json VHostUserBackendBlockFeature: --read-only and --blk-file work.
+    capability_features = ("read-only", "blk-file")
     qemu_example = QEMU_EXAMPLE
+
+    control_commands = CONTROL_COMMANDS
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         g = parser.add_argument_group("virtio-blk")
-        g.add_argument("--backend", required=True, metavar="URL",
+        g.add_argument("--backend", metavar="URL",
                        help="storage: file:PATH[?direct=on][&readonly=on], a bare path, mem:SIZE, "
                             "null:SIZE, nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH")
+        g.add_argument("--blk-file", metavar="PATH",
+                       help="an image file or block device (the spec's back-end convention; the "
+                            "same as --backend file:PATH)")
         g.add_argument("--read-only", action="store_true", help="offer a read-only disk (VIRTIO_BLK_F_RO)")
         g.add_argument("--queues", default=str(DEFAULT_QUEUES), metavar="N",
                        help=f"request queues offered (1..64, default {DEFAULT_QUEUES}; the VMM "
@@ -74,7 +106,8 @@ class BlkCommand(DeviceCommand):
                        help="largest queue size (power of 2, 4..32768, default 256)")
         g.add_argument("--serial", metavar="ID", help=f"GET_ID serial (up to {ID_BYTES} ASCII bytes)")
         g.add_argument("--control", metavar="PATH",
-                       help="JSON control socket: info, swap (live storage swap), resize, pause, resume")
+                       help="JSON control socket (vdev ctl PATH ...): info, latency, swap, pause, resume, "
+                            "resize, mirror (live storage migration), jobs, cancel, pivot")
         g.add_argument("--dataplane", default="auto", metavar="python|native",
                        help="who serves the queues: native (a C worker per queue; null:, mem: and "
                             "file: storage), python (the event loop; any storage), or auto "
@@ -84,6 +117,13 @@ class BlkCommand(DeviceCommand):
                             "request before sleeping on the kick eventfd (default 0: never)")
 
     def configure(self, args: argparse.Namespace) -> BlkConfig:
+        if (args.backend is None) == (args.blk_file is None):
+            raise ValueError("give exactly one of --backend URL and --blk-file PATH")
+        if args.blk_file is not None:
+            if not args.blk_file or "?" in args.blk_file:
+                raise ValueError(f"--blk-file: {args.blk_file!r} is not a path (use --backend for "
+                                 "URL options)")
+            args.backend = f"file:{args.blk_file}"
         spec = parse_storage_url(args.backend)    # raises ValueError naming the bad part
         queues = parse_int(args.queues, "--queues", lo=1, hi=64)
         queue_size = parse_queue_size(args.queue_size)
@@ -119,14 +159,23 @@ class BlkCommand(DeviceCommand):
     async def serve(self, device: Device, config: Any, where: ServeOptions) -> None:
         assert isinstance(device, BlkDevice)
         control = None
+        jobs = Jobs(device)
         if config.control:
-            control = ControlServer(config.control, control_handlers(device))
+            control = ControlServer(config.control, control_handlers(device, jobs))
             await control.start()
+        serving = asyncio.get_running_loop().create_task(
+            serve(device, where.socket, client=where.client, listen_fd=where.fd))
         try:
-            await serve(device, where.socket, client=where.client, listen_fd=where.fd)
+            await asyncio.wait({serving})
+            serving.result()
         finally:
             if control is not None:
                 await control.close()
+            # A mirror still copying is cancelled while the disk is open (serve
+            # closes it when it ends): the disk stays on its storage.
+            await jobs.aclose()
+            serving.cancel()
+            await asyncio.wait({serving})
 
 
 def _storage_spec(url: str, *, read_only: bool) -> StorageSpec:
@@ -150,21 +199,43 @@ def _flag(value: object, name: str) -> bool:
     raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
-def control_handlers(device: BlkDevice) -> dict[str, Any]:
-    """The blk control commands (documented in README.md)."""
+def _absolute_url(key: str, url: object) -> str:
+    """``url`` parsed and checked; a relative file path or NBD socket is refused.
+
+    The daemon's working directory is not the caller's: `vdev ctl` makes
+    such paths absolute before sending, a raw JSON client must.
+    """
+    if not isinstance(url, str):
+        raise ValueError(f"{key} must be a storage URL string, got {url!r}")
+    for what, path in relative_url_paths(url):
+        raise ValueError(f"{key} {url!r}: relative {what} {path!r}; the daemon cannot know the "
+                         "directory you meant: give an absolute path (`vdev ctl` resolves "
+                         "relative ones against your directory)")
+    parse_storage_url(url)
+    return url
+
+
+def control_handlers(device: BlkDevice, jobs: Jobs | None = None) -> dict[str, Any]:
+    """The blk control commands (documented in README.md and `CONTROL_COMMANDS`)."""
+    jobs = jobs if jobs is not None else Jobs(device)
 
     def described() -> dict[str, Any]:
         # The device's fields plus the storage's own (an NBD connection's state).
-        return {**device.info(), **device.storage.status()}
+        latest = jobs.latest()
+        return {**device.info(), **device.storage.status(),
+                "mirror": latest.describe() if latest is not None else None}
 
     async def info(request: dict[str, Any]) -> dict[str, Any]:
         return described()
 
     async def swap(request: dict[str, Any]) -> dict[str, Any]:
         url = request.get("backend")
-        if not isinstance(url, str):
-            raise ValueError(f"swap needs a string 'backend', got {url!r}")
+        if url is None:
+            raise ValueError("swap needs a storage URL 'backend'")
+        url = _absolute_url("backend", url)
         force = _flag(request.get("force", False), "force")
+        jobs.check_idle("swap")
+        was_paused = device.paused
         # Under a read-only disk the new storage is opened read-only as well;
         # under a writable one it must open read-write, and if it cannot the
         # operator is told why (EROFS, EACCES ...), nothing having changed.
@@ -177,24 +248,54 @@ def control_handlers(device: BlkDevice) -> dict[str, Any]:
             raise DeviceError(f"cannot swap the writable disk to {url}: it does not open read-write",
                               cause=cause) from exc
         try:
+            jobs.check_idle("swap")      # a mirror may have started while the storage opened
             old = await device.swap_storage(new, force=force)
         except BaseException:
             await new.aclose()
             raise
         with contextlib.suppress(Exception):
             await asyncio.shield(old.aclose())
-        return {"previous": old.url, **described()}
+        reply = {"previous": old.url, "resumed": was_paused, **described()}
+        if was_paused:
+            reply["note"] = "I/O was paused; the swap resumed it"
+        return reply
 
     async def resize(request: dict[str, Any]) -> dict[str, Any]:
+        jobs.check_idle("resize")
         await device.refresh_capacity()
         return described()
 
     async def pause(request: dict[str, Any]) -> dict[str, Any]:
+        jobs.check_idle("pause")
         await device.pause()
         return described()
 
     async def resume(request: dict[str, Any]) -> dict[str, Any]:
+        jobs.check_idle("resume")
         device.resume()
         return described()
 
-    return {"info": info, "swap": swap, "resize": resize, "pause": pause, "resume": resume}
+    async def mirror(request: dict[str, Any]) -> dict[str, Any]:
+        params = dict(request)
+        if "target" in params:
+            params["target"] = _absolute_url("target", params["target"])
+        job = await jobs.start_mirror(params)
+        return {"job": job.describe()}
+
+    async def list_jobs(request: dict[str, Any]) -> dict[str, Any]:
+        return {"jobs": jobs.describe()}
+
+    async def cancel(request: dict[str, Any]) -> dict[str, Any]:
+        job = await jobs.cancel()
+        return {"job": job.describe(), "backend": device.storage.url}
+
+    async def pivot(request: dict[str, Any]) -> dict[str, Any]:
+        job = jobs.pivot()
+        return {"job": job.describe()}
+
+    handlers = {"info": info, "swap": swap, "resize": resize, "pause": pause, "resume": resume,
+                "latency": latency_handler(device), "mirror": mirror, "jobs": list_jobs,
+                "cancel": cancel, "pivot": pivot}
+    for cmd in CONTROL_COMMANDS:
+        accepts(handlers[cmd.name], cmd.params)
+    return handlers

@@ -39,6 +39,7 @@ import enum
 import hashlib
 import logging
 import struct
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,7 +47,6 @@ from typing import Any
 from vdev._native import ffi
 from vdev.device import Device, VirtQueue
 from vdev.engine import NativeEngine, RingSpec
-from vdev.histogram import LatencyHistogram
 from vdev.errors import DeviceError, GuestError, Unsupported
 from vdev.queue import Descriptor, DescriptorChain
 from vdev.uapi.virtio import DeviceId
@@ -243,12 +243,18 @@ def _check_range(sector: int, nsect: int, limits: BlkLimits, kind: ReqType) -> N
                                          f"{limits.capacity // SECTOR}")
 
 
+#: ``struct vd_engine_stats.by_type`` slot of each request type (``VD_BLK_STAT_*``).
+_SLOTS = {ReqType[name]: slot for slot, name in enumerate(NATIVE_STAT_NAMES) if name in ReqType.__members__}
+_SLOT_REJECTED = NATIVE_STAT_NAMES.index("rejected")
+
+
 class BlkDevice(Device):
     """The block device.  ``storage`` is any `Storage`; it can be swapped live."""
 
     device_id = DeviceId.BLOCK
     name = "blk"
     supports_inflight = True
+    request_types = NATIVE_STAT_NAMES
     #: The data path when none is given (the test suite runs every blk test on each).
     default_dataplane = "auto"
 
@@ -286,7 +292,6 @@ class BlkDevice(Device):
         self._parked: set[asyncio.Task[None]] = set()
         self._swap_lock = asyncio.Lock()
         self._notified_capacity = self.capacity
-        self._retired_latency: dict[int, LatencyHistogram] = {}
         self._dirty: DirtyBitmap | None = None
         self.stats: Counter[str] = Counter()
         self._logged_causes: set[str] = set()
@@ -404,22 +409,25 @@ class BlkDevice(Device):
         inflight = self._inflight.setdefault(vq.index, set())
         limits = self.limits()
         for chain in vq.chains():
+            t_pop = time.monotonic_ns()      # latency: pop -> completion, as the C engine measures
             mem = vq.mem
             try:
                 request, status = parse_request(chain, mem, limits)
             except GuestError as exc:
                 log.warning("blk: queue %d: %s", vq.index, exc.at(queue=vq.index, head=chain.head))
-                vq.complete(chain, 0)
+                vq.stats.bad_chains += 1
+                vq.complete(chain, 0, t_pop)
                 continue
             except RequestError as exc:
                 self.stats["rejected"] += 1
+                vq.stats.by_type[_SLOT_REJECTED] += 1
                 log.info("blk: queue %d head %d: %s -> %s", vq.index, chain.head, exc.reason,
                          exc.status.name)
                 assert exc.status_view is not None
                 exc.status_view[0] = exc.status
-                vq.complete(chain, 1)
+                vq.complete(chain, 1, t_pop)
                 continue
-            task = asyncio.get_running_loop().create_task(self._run(vq, chain, request, status))
+            task = asyncio.get_running_loop().create_task(self._run(vq, chain, request, status, t_pop))
             inflight.add(task)
             task.add_done_callback(inflight.discard)
 
@@ -432,10 +440,11 @@ class BlkDevice(Device):
             return 0
         vq.mem.view(tail.addr + tail.len - 1, 1)[0] = Status.IOERR
         self.stats["rejected"] += 1
+        vq.stats.by_type[_SLOT_REJECTED] += 1
         return 1
 
     async def _run(self, vq: VirtQueue, chain: DescriptorChain, request: BlkRequest,
-                   status: memoryview) -> None:
+                   status: memoryview, t_pop: int = 0) -> None:
         if not self._resumed.is_set():
             task = asyncio.current_task()
             assert task is not None
@@ -464,12 +473,19 @@ class BlkDevice(Device):
             if self._executing == 0:
                 self._idle.set()
         self.stats[request.type.name] += 1
+        qs = vq.stats
+        qs.by_type[_SLOTS[request.type]] += 1
         if code is not Status.OK:
             self.stats["errors"] += 1
+            qs.errors += 1
+        elif request.type is ReqType.IN:
+            qs.bytes_read += written
+        elif request.type is ReqType.OUT:
+            qs.bytes_written += request.data_len
         if vq.stopped:
             return
         status[0] = code
-        vq.complete(chain, written + 1)
+        vq.complete(chain, written + 1, t_pop)
 
     async def _execute(self, req: BlkRequest) -> int:
         storage = self.storage
@@ -749,9 +765,11 @@ class BlkDevice(Device):
 
     def engine_retired(self, index: int, engine: NativeEngine) -> None:
         # The totals outlive the engine (a stopped ring, a reconnect, a path change).
+        super().engine_retired(index, engine)
         self._count_native(self.stats, engine.stats())
-        self._retired_latency[index] = self._retired_latency.get(index, LatencyHistogram.empty()) \
-            + engine.histogram()
+
+    def python_inflight(self, index: int) -> int:
+        return len(self._inflight.get(index, ()))
 
     @staticmethod
     def _count_native(stats: Counter[str], q: dict[str, Any]) -> None:
@@ -763,15 +781,23 @@ class BlkDevice(Device):
 
     def info(self) -> dict[str, object]:
         stats = Counter(self.stats)
-        inflight = sum(len(s) for s in self._inflight.values())
-        per_queue = []
-        for index, engine in sorted(self._engines().items()):
+        # Requests parked at the gate by a pause have not reached storage:
+        # they are not in flight.
+        inflight = sum(len(s) for s in self._inflight.values()) - len(self._parked)
+        for engine in self._engines().values():
             q = engine.stats()
             inflight += q["inflight"]
             self._count_native(stats, q)
-            hist = engine.histogram()
-            per_queue.append({"queue": index, **{k: v for k, v in q.items() if k != "by_type"},
-                              "latency_us": hist.summary_us()})
+        # Per queue: both data paths and stopped engines, since the daemon started.
+        per_queue = [{"queue": index, "native": snap.native, **snap.counters,
+                      "by_type": dict(zip(NATIVE_STAT_NAMES, snap.by_type)),
+                      "latency_us": snap.latency.summary_us()}
+                     for index, snap in self.queue_snapshots().items()]
+        # Held by a pause: what the guest has sent and waits for, minus what
+        # is still on storage (parked requests and those left in the rings).
+        held = 0
+        if self.paused and self.runtime is not None:
+            held = max(0, self.runtime.ring_backlog() - inflight)
         return {
             "backend": self.storage.url,
             "capacity": self.capacity,
@@ -782,6 +808,7 @@ class BlkDevice(Device):
             "poll_us": self.poll_us,
             "write_cache": "writeback" if self.wce else "writethrough",
             "inflight": inflight,
+            "held": held,
             "paused": self.paused,
             "stats": dict(stats),
             "queue_stats": per_queue,

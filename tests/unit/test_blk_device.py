@@ -960,3 +960,56 @@ async def test_dirty_tracking_marks_completed_writes_on_both_paths(tmp_path) -> 
         await write_ok(vm, (11 * gran) // SECTOR, pattern(SECTOR, 5))
         assert list(bitmap.take_blocks()) == [3]
     await storage.aclose()
+
+
+async def test_memory_added_and_removed_under_running_queues() -> None:
+    # ADD_MEM_REG / REM_MEM_REG while the queue runs (QEMU's memory hot-plug):
+    # the ring is quiesced, takes the new table and resumes; a buffer in the
+    # new region works, and after removal the same buffer is refused (IOERR
+    # in a sound status byte) without touching anything.
+    import mmap as _mmap
+
+    from vdev.testing import FRONTEND_VA_BASE
+    from vhost_user.messages import MemoryRegion
+
+    device = BlkDevice(MemoryStorage(DISK))
+    async with device_pair(device) as vm:
+        await write_ok(vm, 0, pattern(SECTOR, 5))
+        gpa, size = 0x4000_0000, 1 << 20
+        fd = os.memfd_create("hotplug", os.MFD_CLOEXEC)
+        os.ftruncate(fd, size)
+        plugged = _mmap.mmap(fd, size)
+        region = MemoryRegion(gpa, size, FRONTEND_VA_BASE + gpa, 0)
+        try:
+            await vm.fe.add_mem_reg(region, fd)
+            q = vm.queues[0]
+
+            def read_into_new_region() -> int:
+                # header and status from the test kit's memory, data in the new region
+                hdr = q.alloc.alloc(16)
+                vm.mem.write(hdr, struct.pack("<IIQ", T_IN, 0, 0))
+                st = q.alloc.alloc(16)
+                vm.mem.write(st, b"\xaa")
+                d0, d1, d2 = q.free_desc.pop(), q.free_desc.pop(), q.free_desc.pop()
+                q.write_desc(d0, hdr, 16, 1, d1)
+                q.write_desc(d1, gpa + 8192, SECTOR, 1 | 2, d2)
+                q.write_desc(d2, st, 1, 2, 0)
+                q.chains[d0] = ([d0, d1, d2], [(hdr, 16, False), (st, 1, True)], None)
+                q.publish(d0)
+                vm.kick(0)
+                return st
+
+            st = read_into_new_region()
+            (used,) = await vm.wait_used(0, 1)
+            assert used.length == SECTOR + 1 and used.written == b"\0"     # status OK
+            assert plugged[8192: 8192 + SECTOR] == pattern(SECTOR, 5)
+            await vm.fe.rem_mem_reg(region)
+            plugged[8192: 8192 + SECTOR] = bytes(SECTOR)
+            read_into_new_region()
+            (used,) = await vm.wait_used(0, 1)
+            assert used.written == bytes([S_IOERR])                         # buffer no longer memory
+            assert plugged[8192: 8192 + SECTOR] == bytes(SECTOR)            # and nothing written there
+            await write_ok(vm, 8, pattern(SECTOR, 6))                       # the queue goes on
+        finally:
+            plugged.close()
+            os.close(fd)

@@ -205,6 +205,11 @@ def run_blk(cfg: BlkBenchConfig) -> int:
     except BenchError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+    except FileNotFoundError:
+        # Not a bare "[Errno 2]": say which file and what it should have been.
+        print(f"{prog}: error: no such socket {cfg.socket!r} after {cfg.timeout:g} s (the back end's "
+              "vhost-user socket: is the back end running?)", file=sys.stderr)
+        return 1
     except Exception as exc:  # noqa: BLE001 - any failure to connect is one line
         print(f"{prog}: error: cannot set up {cfg.socket}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

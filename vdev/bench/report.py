@@ -32,7 +32,7 @@ import subprocess
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from .. import __version__
 from ..histogram import STANDARD_PERCENTILES, LatencyHistogram, bucket_bounds
@@ -118,7 +118,17 @@ def hdr_encode(hist: LatencyHistogram) -> str:
     return encoded.decode("ascii")
 
 
-def write_hdr_files(result: RunResult, out_dir: str, *, start_unix: float, tag: str = "") -> list[str]:
+class Histograms(Protocol):
+    """What the HdrHistogram files are made of: a `RunResult`, or a fio run (`vdev.bench.fio`)."""
+
+    @property
+    def intervals(self) -> Sequence[Interval]: ...
+
+    @property
+    def histogram(self) -> LatencyHistogram: ...
+
+
+def write_hdr_files(result: Histograms, out_dir: str, *, start_unix: float, tag: str = "") -> list[str]:
     """``latency.hlog`` (interval histograms) and ``latency.hgrm`` (percentile table, µs)."""
     from hdrh.log import HistogramLogWriter  # type: ignore[import-untyped]
 
@@ -269,7 +279,10 @@ def _percentile_curve(hist: LatencyHistogram) -> tuple[list[float], list[float]]
     return xs, ys
 
 
-def plot_percentiles(series: Sequence[Series], path: str, title: str) -> None:
+def plot_percentiles(series: Sequence[Series], path: str, title: str, *,
+                     measured: str = "published → used entry seen") -> None:
+    """The percentile curves of ``series`` overlaid; ``measured`` names the latency
+    on the y axis (fio's runs: "fio clat, submit → complete")."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 5.5))
     top = 10.0
@@ -289,7 +302,7 @@ def plot_percentiles(series: Sequence[Series], path: str, title: str) -> None:
     ax.set_xticks(ticks, names[:len(ticks)] + [""] * max(0, len(ticks) - len(names)))
     ax.set_xlim(1, ticks[-1])
     ax.set_xlabel("percentile (log scale of 1/(1-p))")
-    ax.set_ylabel("latency, µs (published → used entry seen)")
+    ax.set_ylabel(f"latency, µs ({measured})")
     ax.set_ylim(bottom=0)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")

@@ -44,7 +44,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -379,14 +379,16 @@ def _qemu_command(image: GuestImage, initrd: Path, *, memory_mb: int, smp: int, 
 
 async def run_in_guest(image: GuestImage, script: str, *, qemu_args: Sequence[str] = (), memory_mb: int = 512,
                        timeout: float = 300, accel: str | None = None, files: Mapping[str, bytes] | None = None,
-                       smp: int = 1) -> GuestResult:
+                       smp: int = 1, on_console: Callable[[bytes], None] | None = None) -> GuestResult:
     """Boot `image`, run `script` with ``sh`` as root inside it and power off.
 
     ``qemu_args`` are appended to the QEMU command line (devices, chardevs);
     ``files`` maps guest paths to contents (made executable) placed before the
-    script runs; ``accel`` defaults to ``$VDEV_ACCEL`` or ``tcg``.  A non-zero
-    exit status is returned, not raised; `GuestBootError` means the script never
-    finished (timeout, panic, QEMU failure).
+    script runs; ``accel`` defaults to ``$VDEV_ACCEL`` or ``tcg``;
+    ``on_console`` is called with each chunk of console output as it arrives
+    (a host that follows the guest while it runs).  A non-zero exit status is
+    returned, not raised; `GuestBootError` means the script never finished
+    (timeout, panic, QEMU failure).
     """
     accel = accel or os.environ.get("VDEV_ACCEL", "tcg")
     tmp = Path(tempfile.mkdtemp(prefix="vdev-guest-"))
@@ -416,6 +418,8 @@ async def run_in_guest(image: GuestImage, script: str, *, qemu_args: Sequence[st
                 if not console:  # guest output means QEMU holds the initrd in memory: drop our copy
                     shutil.rmtree(tmp, ignore_errors=True)  # now, in case we get SIGKILLed later
                 console.extend(chunk)
+                if on_console is not None:
+                    on_console(chunk)
             return found
 
         reason = "guest stopped before the script finished"

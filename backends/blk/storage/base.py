@@ -240,6 +240,16 @@ class Storage(abc.ABC):
             await self.writev(offset + pos, zero_chunks(k))
             pos += k
 
+    async def extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """``[offset, offset+length)`` as consecutive ``(offset, length, data)``
+        runs; ``data`` is False where the storage knows the bytes read as
+        zeros without reading them (a hole in a sparse file).  A copy (the
+        mirror) writes zeros there instead of reading.  The default: one
+        run, all data.  The answer is a snapshot: a write that completes
+        afterwards may turn a hole into data."""
+        self.check_range(offset, length, "extents")
+        return [(offset, length, True)] if length else []
+
     @abc.abstractmethod
     async def aclose(self) -> None:
         """Release everything; idempotent, and releases even on error."""

@@ -223,6 +223,9 @@ class FaultyStorage(Storage):
         await self._forward("write_zeroes", offset, length, self.inner.write_zeroes, offset, length,
                             may_unmap=may_unmap)
 
+    async def extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        return await self.inner.extents(offset, length)
+
     async def aclose(self) -> None:
         self._closed = True
         self._gate.set()  # nobody stays parked on a closed disk
