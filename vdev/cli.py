@@ -287,13 +287,19 @@ class _Lifecycle:
 
     async def _stop(self) -> None:
         runtime = self.device.runtime if self.device is not None else None
-        if runtime is not None:
-            # The queues took nothing since the signal (hold_nowait); wait for
-            # the native engines' requests (the Python path's are awaited
-            # when the connection is torn down, which the cancel starts).
-            await runtime.hold()
-            runtime.release()              # the hold_nowait of the signal handler
-        self.main.cancel()
+        try:
+            if runtime is not None:
+                # The queues took nothing since the signal (hold_nowait); wait for
+                # the native engines' requests (the Python path's are awaited
+                # when the connection is torn down, which the cancel starts).
+                await runtime.hold()
+                runtime.release()          # the hold_nowait of the signal handler
+        except Exception:
+            # Whatever went wrong while waiting, the daemon must still stop
+            # (an exception here once left it serving on after SIGTERM).
+            log.exception("%s: while waiting for requests in flight", self.prog)
+        finally:
+            self.main.cancel()
 
     def finished(self) -> None:
         if self.guard is not None:

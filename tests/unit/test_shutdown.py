@@ -272,3 +272,32 @@ async def test_signal_under_c_driver_load(workdir: Path, dataplane: str, sig: si
     log = d.log()
     assert len(re.findall(r"queue \d stopped at avail", log)) == 4, log
     assert "storage flushed" in log and "Traceback" not in log, log
+
+
+async def test_hold_survives_a_queue_stopping_while_it_waits() -> None:
+    # The SIGTERM path waits for every native engine in turn (runtime.hold).
+    # If the front-end goes away meanwhile, the queues after the one awaited
+    # are stopped and their engines closed under the waiting loop; the hold
+    # then reached a closed engine, raised TypeError (a NULL engine passed to
+    # C) and the daemon never stopped: contrib's socket-activation test hung.
+    from backends.blk.device import BlkDevice
+    from vdev.testing import device_pair
+
+    device = BlkDevice(await open_storage("mem:1M"), num_queues=2, dataplane="native")
+    async with device_pair(device) as vm:
+        used = await vm.request(0, write_req(0, 0x5A))
+        assert used.written == b"\x00"
+        runtime = device.runtime
+        assert runtime is not None and sorted(runtime.engines) == [0, 1]
+        engines = list(runtime.engines.values())
+        hold = asyncio.get_running_loop().create_task(runtime.hold())
+        await asyncio.sleep(0)                 # the hold now waits on queue 0's engine
+        runtime.stop_vring(1)                  # as a disconnect does
+        assert engines[1]._e is None           # closed
+        await asyncio.wait_for(hold, 20)       # a bound against a hang, not a speed check
+        hold.result()
+        # A closed engine is inert, not a crash.
+        engines[1].hold()
+        engines[1].run()
+        assert engines[1].wait_idle(0)
+        runtime.release()
