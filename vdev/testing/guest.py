@@ -365,14 +365,15 @@ def _write_initrd(initrd: Path, base: Path, script: str, files: Mapping[str, byt
 
 
 def _qemu_command(image: GuestImage, initrd: Path, *, memory_mb: int, smp: int, accel: str,
-                  qemu_args: Sequence[str], memory_slots: int = 0, max_memory_mb: int = 0) -> list[str]:
+                  qemu_args: Sequence[str], memory_slots: int = 0, max_memory_mb: int = 0,
+                  kernel_args: Sequence[str] = ()) -> list[str]:
     # Room for pc-dimms (memory hot-plug) when asked: "-m SIZE,slots=N,maxmem=MAX".
     memory = f"{memory_mb}M,slots={memory_slots},maxmem={max_memory_mb}M" if memory_slots else str(memory_mb)
     return [QEMU, "-accel", accel, "-machine", "q35", "-m", memory, "-smp", str(smp),
             # vhost-user back ends mmap guest RAM, so it must be a shared, fd-backed region.
             "-object", f"memory-backend-memfd,id=mem,size={memory_mb}M,share=on", "-numa", "node,memdev=mem",
             "-kernel", str(image.kernel), "-initrd", str(initrd),
-            "-append", "console=ttyS0 quiet loglevel=3 panic=-1",
+            "-append", " ".join(("console=ttyS0 quiet loglevel=3 panic=-1", *kernel_args)),
             "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot",
             *qemu_args]
 
@@ -481,7 +482,8 @@ class GuestVM:
     ``workdir`` holds the initrd and the QMP socket (keep its path short:
     Unix socket paths are limited to 108 bytes).  ``console`` accumulates
     the serial output.  ``memory_slots``/``max_memory_mb`` leave room for
-    ``pc-dimm`` hot-plug.  Nothing here replaces `run_in_guest`, which tests
+    ``pc-dimm`` hot-plug; ``kernel_args`` are added to the guest kernel's
+    command line.  Nothing here replaces `run_in_guest`, which tests
     that only need a script's output keep using.
     """
 
@@ -489,7 +491,7 @@ class GuestVM:
                  qemu_args: Sequence[str] = (), memory_mb: int = 512, smp: int = 1,
                  accel: str | None = None, files: Mapping[str, bytes] | None = None,
                  memory_slots: int = 0, max_memory_mb: int = 0, incoming: str | None = None,
-                 initrd: Path | None = None) -> None:
+                 initrd: Path | None = None, kernel_args: Sequence[str] = ()) -> None:
         self.image = image
         self.script = script
         self.workdir = Path(workdir)
@@ -502,6 +504,7 @@ class GuestVM:
         self.memory_slots = memory_slots
         self.max_memory_mb = max_memory_mb
         self.incoming = incoming
+        self.kernel_args = list(kernel_args)
         self.initrd = initrd if initrd is not None else self.workdir / f"{name}.initrd"
         self._own_initrd = initrd is None
         self.qmp_path = self.workdir / f"{name}.qmp"
@@ -519,7 +522,8 @@ class GuestVM:
             extra += ["-incoming", self.incoming]
         return _qemu_command(self.image, self.initrd, memory_mb=self.memory_mb, smp=self.smp,
                              accel=self.accel, qemu_args=[*self.qemu_args, *extra],
-                             memory_slots=self.memory_slots, max_memory_mb=self.max_memory_mb)
+                             memory_slots=self.memory_slots, max_memory_mb=self.max_memory_mb,
+                             kernel_args=self.kernel_args)
 
     async def start(self, timeout: float = 30) -> None:
         """Start QEMU and connect to its QMP socket."""
@@ -614,30 +618,66 @@ class GuestVM:
                        qemu_args=self.qemu_args if qemu_args is None else qemu_args,
                        memory_mb=self.memory_mb, smp=self.smp, accel=self.accel, files=self.files,
                        memory_slots=self.memory_slots, max_memory_mb=self.max_memory_mb,
-                       incoming=uri or f"unix:{self.workdir / (name + '.migrate')}", initrd=self.initrd)
+                       incoming=uri or f"unix:{self.workdir / (name + '.migrate')}", initrd=self.initrd,
+                       kernel_args=self.kernel_args)
+
+    async def start_migration(self, dest: GuestVM, *, max_bandwidth: int = 1 << 30,
+                              downtime_ms: int = 500) -> None:
+        """Set the bandwidth cap and the downtime limit, and start migrating to ``dest``
+        (started with `incoming_twin`); returns at once (see `wait_migration`).
+
+        The cap is raised from QEMU's 32 MiB/s default so a TCG guest
+        converges quickly.  A small ``downtime_ms`` (1) with a guest that
+        keeps dirtying memory keeps the migration iterating until
+        `set_migration` raises the limit (a test acts on the guest meanwhile);
+        0 does not: QEMU then never re-reads the dirty bitmap and completes
+        after the first pass.
+        """
+        assert dest.incoming is not None
+        await self.set_migration(max_bandwidth=max_bandwidth, downtime_ms=downtime_ms)
+        await self.execute("migrate", {"uri": dest.incoming})
+
+    async def set_migration(self, *, max_bandwidth: int | None = None,
+                            downtime_ms: int | None = None) -> None:
+        """Change the bandwidth cap (bytes/s) or the downtime limit (ms), also mid-migration."""
+        params: dict[str, object] = {}
+        if max_bandwidth is not None:
+            params["max-bandwidth"] = max_bandwidth
+        if downtime_ms is not None:
+            params["downtime-limit"] = downtime_ms
+        await self.execute("migrate-set-parameters", params)
+
+    async def migration(self) -> dict[str, Any]:
+        """``query-migrate``; raises RuntimeError if the migration failed or was cancelled."""
+        info: dict[str, Any] = await self.execute("query-migrate")
+        if info.get("status") in ("failed", "cancelled"):
+            raise RuntimeError(f"migration from {self.name} {info['status']}: "
+                               f"{info.get('error-desc', info)}")
+        return info
+
+    async def wait_migration(self, *, passes: int | None = None, timeout: float = 120) -> dict[str, Any]:
+        """Wait until the migration completed, or (``passes``) until QEMU has
+        synchronised the dirty bitmap that many times — 2 means the first
+        pass over all of RAM is done, every page sent once.  Returns the
+        ``query-migrate`` answer."""
+        async with asyncio.timeout(timeout):
+            while True:
+                info = await self.migration()
+                if info.get("status") == "completed":
+                    return info
+                if passes is not None and info.get("ram", {}).get("dirty-sync-count", 0) >= passes:
+                    return info
+                await asyncio.sleep(0.05)
 
     async def migrate(self, dest: GuestVM, *, max_bandwidth: int = 1 << 30, downtime_ms: int = 500,
                       timeout: float = 120) -> dict[str, Any]:
         """Live-migrate to ``dest`` (started with `incoming_twin`) and wait for ``completed``.
 
         Returns the final ``query-migrate`` answer; raises RuntimeError if the
-        migration fails.  The bandwidth cap is raised from QEMU's 32 MiB/s
-        default so a TCG guest converges quickly.
+        migration fails.
         """
-        assert dest.incoming is not None
-        await self.execute("migrate-set-parameters", {"max-bandwidth": max_bandwidth,
-                                                      "downtime-limit": downtime_ms})
-        await self.execute("migrate", {"uri": dest.incoming})
-        async with asyncio.timeout(timeout):
-            while True:
-                info: dict[str, Any] = await self.execute("query-migrate")
-                status = info.get("status")
-                if status == "completed":
-                    return info
-                if status in ("failed", "cancelled"):
-                    raise RuntimeError(f"migration {self.name} -> {dest.name} {status}: "
-                                       f"{info.get('error-desc', info)}")
-                await asyncio.sleep(0.1)
+        await self.start_migration(dest, max_bandwidth=max_bandwidth, downtime_ms=downtime_ms)
+        return await self.wait_migration(timeout=timeout)
 
     async def close(self) -> None:
         """Disconnect QMP and stop QEMU (if it still runs)."""
