@@ -810,6 +810,10 @@ class BlkDevice(Device):
             "inflight": inflight,
             "held": held,
             "paused": self.paused,
+            # Guest memory as the front-end last described it (SET_MEM_TABLE,
+            # ADD_MEM_REG/REM_MEM_REG: a hot-plugged DIMM shows up here).
+            "memory": [{"gpa": r.gpa, "size": r.size} for r in self.runtime.mem.regions]
+                      if self.runtime is not None else [],
             "stats": dict(stats),
             "queue_stats": per_queue,
         }
