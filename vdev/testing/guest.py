@@ -22,10 +22,12 @@ so give the guest at least 384 MB.  The accelerator defaults to TCG
 Most tests want `run_in_guest` (boot, run, power off, collect).  Tests that
 act on a guest while it runs — live migration, memory hot-plug — use
 `GuestVM`: the same guest, started with a QMP socket driven by QEMU's own
-client library (``qemu.qmp``).  `GuestVM.incoming` makes the destination of
-a migration (the same command line plus ``-incoming``), `GuestVM.migrate`
-moves the guest there, and `guest_result` reads the script's output across
-both consoles (the script's later output appears on the destination's).
+client library (``qemu.qmp``).  `GuestVM.incoming_twin` makes the
+destination of a migration (the same command line plus ``-incoming``),
+`GuestVM.migrate` moves the guest there (or `start_migration`,
+`set_migration` and `wait_migration` step by step), and `guest_result`
+reads the script's output across both consoles (the script's later output
+appears on the destination's).
 """
 
 from __future__ import annotations
