@@ -8,10 +8,19 @@ ends the program with one line naming it, before any socket exists.
 
 Options every device gets, after the spec's "Backend program conventions":
 ``--socket PATH`` (alias ``--socket-path``), ``--fd N`` (an inherited
-listening socket), ``--client`` (connect to a VMM that listens),
-``--print-capabilities`` and ``--log-level``; and ``--metrics HOST:PORT``, a
-Prometheus endpoint (`vdev.metrics`), bound before the device is created so
-that a port in use ends the program before any vhost-user socket exists.
+listening socket; without either, systemd's ``LISTEN_FDS`` socket
+activation), ``--client`` (connect to a VMM that listens),
+``--print-capabilities``, ``--log-level``, and for service managers
+``--pidfile PATH`` and ``--shutdown-timeout S`` (see `vdev.service`; with
+``NOTIFY_SOCKET`` set, readiness goes to systemd); and ``--metrics
+HOST:PORT``, a Prometheus endpoint (`vdev.metrics`), bound before the device
+is created so that a port in use ends the program before any vhost-user
+socket exists.
+
+Stopping: SIGTERM or SIGINT makes the daemon take no new requests, finish
+those in flight, flush and close its storage and exit 0; a second signal, or
+a shutdown longer than ``--shutdown-timeout``, exits at once with one line
+saying so (status 128 + signal number, or 1).
 """
 
 from __future__ import annotations
@@ -31,13 +40,16 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, ClassVar, NoReturn
 
-from . import __version__
+from . import __version__, service
 from .control import JOB_FINAL_PHASES, URL_KEYS, ControlCommand, absolute_url
-from .device import Device, serve
+from .device import LISTENING_HOOK, Device, serve
 
 log = logging.getLogger("vdev")
 
 ENTRY_POINT_GROUP = "vdev.devices"
+#: Seconds a SIGTERM/SIGINT shutdown may wait for requests in flight.
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+MAX_SHUTDOWN_TIMEOUT = 3600.0
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,8 @@ class ServeOptions:
     socket: str | None
     fd: int | None
     client: bool
+    pidfile: str | None = None
+    shutdown_timeout: float = 30.0
     #: ``--metrics``: (host, port) of the Prometheus endpoint, or None (off).
     metrics: tuple[str, int] | None = None
 
@@ -181,6 +195,11 @@ def build_parser(commands: dict[str, DeviceCommand], *,
                             help="inherited listening socket fd (systemd socket activation: --fd 3)")
         common.add_argument("--client", action="store_true",
                             help="connect to PATH (a VMM started with server=on) instead of listening")
+        common.add_argument("--pidfile", metavar="PATH",
+                            help="write the daemon's pid here once it listens (removed on exit)")
+        common.add_argument("--shutdown-timeout", default=str(DEFAULT_SHUTDOWN_TIMEOUT), metavar="S",
+                            help="on SIGTERM/SIGINT, how long to wait for requests in flight before "
+                                 f"giving up (default {DEFAULT_SHUTDOWN_TIMEOUT:g})")
         common.add_argument("--print-capabilities", action="store_true",
                             help="print the back end's capabilities as JSON and exit")
         common.add_argument("--log-level", default="info",
@@ -193,7 +212,10 @@ def build_parser(commands: dict[str, DeviceCommand], *,
 
 
 def serve_options(args: argparse.Namespace) -> ServeOptions:
-    if (args.socket is None) == (args.fd is None):
+    fd = args.fd
+    if args.socket is None and fd is None:
+        fd = service.listen_fds()             # systemd socket activation
+    if (args.socket is None) == (fd is None):
         raise ValueError("give exactly one of --socket PATH and --fd N")
     if args.client and args.socket is None:
         raise ValueError("--client needs --socket PATH")
@@ -201,21 +223,98 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         parent = os.path.dirname(os.path.abspath(args.socket)) or "."
         if not os.path.isdir(parent):
             raise ValueError(f"--socket: directory {parent!r} does not exist")
-    if args.fd is not None and args.fd < 0:
-        raise ValueError(f"--fd: not a file descriptor: {args.fd}")
+    if fd is not None:
+        if fd < 0:
+            raise ValueError(f"--fd: not a file descriptor: {fd}")
+        service.check_listen_fd(fd)
+    try:
+        timeout = float(args.shutdown_timeout)
+    except ValueError:
+        raise ValueError(f"--shutdown-timeout: not a number of seconds: {args.shutdown_timeout!r}") from None
+    if not 0 < timeout <= MAX_SHUTDOWN_TIMEOUT:
+        raise ValueError(f"--shutdown-timeout: {args.shutdown_timeout!r} is not in (0, {MAX_SHUTDOWN_TIMEOUT:g}]")
+    if args.pidfile is not None:
+        service.check_pidfile(args.pidfile)
     metrics = None
     if args.metrics is not None:
         from .metrics import parse_hostport
         metrics = parse_hostport(args.metrics)
-    return ServeOptions(args.socket, args.fd, args.client, metrics)
+    return ServeOptions(args.socket, fd, args.client, args.pidfile, timeout, metrics)
+
+
+class _Lifecycle:
+    """Readiness, the pidfile and the two-signal stop of one daemon run."""
+
+    def __init__(self, prog: str, where: ServeOptions, main: asyncio.Task[None]) -> None:
+        self.prog = prog
+        self.where = where
+        self.main = main
+        self.device: Device | None = None
+        self.guard: service.ShutdownGuard | None = None
+        self.stopping: asyncio.Task[None] | None = None
+        self.pid_written = False
+
+    def listening(self) -> None:
+        """The vhost-user socket listens: write the pidfile, then tell systemd."""
+        if self.where.pidfile is not None and not self.pid_written:
+            service.write_pidfile(self.where.pidfile)
+            self.pid_written = True
+        service.notify("READY=1")
+        log.info("%s: ready (pid %d)", self.prog, os.getpid())
+
+    def remove_pidfile(self) -> None:
+        if self.where.pidfile is not None and self.pid_written:
+            service.remove_pidfile(self.where.pidfile)
+
+    def on_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if self.stopping is not None:
+            # The guard normally sees it first (it holds the wakeup fd); this
+            # covers a signal the loop delivers before the guard's thread runs.
+            self.remove_pidfile()
+            print(f"{self.prog}: second {name}: exiting at once, without waiting for requests "
+                  "in flight", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        timeout = self.where.shutdown_timeout
+        runtime = self.device.runtime if self.device is not None else None
+        if runtime is not None:
+            runtime.hold_nowait()          # before anything else runs: no new request
+        log.info("%s: %s: stopping: no new requests; finishing those in flight (up to %g s; "
+                 "a second signal exits at once)", self.prog, name, timeout)
+        service.notify("STOPPING=1")
+        self.guard = service.ShutdownGuard(self.prog, timeout, self.remove_pidfile)
+        self.stopping = asyncio.get_running_loop().create_task(self._stop())
+
+    async def _stop(self) -> None:
+        runtime = self.device.runtime if self.device is not None else None
+        try:
+            if runtime is not None:
+                # The queues took nothing since the signal (hold_nowait); wait for
+                # the native engines' requests (the Python path's are awaited
+                # when the connection is torn down, which the cancel starts).
+                await runtime.hold()
+                runtime.release()          # the hold_nowait of the signal handler
+        except Exception:
+            # Whatever went wrong while waiting, the daemon must still stop
+            # (an exception here once left it serving on after SIGTERM).
+            log.exception("%s: while waiting for requests in flight", self.prog)
+        finally:
+            self.main.cancel()
+
+    def finished(self) -> None:
+        if self.guard is not None:
+            self.guard.cancel()
+        self.remove_pidfile()
 
 
 async def _run(cmd: DeviceCommand, config: Any, where: ServeOptions) -> None:
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
+    life = _Lifecycle(f"vdev {cmd.name}", where, task)
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, task.cancel)
+        loop.add_signal_handler(sig, life.on_signal, sig)
+    token = LISTENING_HOOK.set(life.listening)
     metrics = None
     try:
         if where.metrics is not None:
@@ -223,13 +322,22 @@ async def _run(cmd: DeviceCommand, config: Any, where: ServeOptions) -> None:
             # Bound first: a port in use ends vdev before storage opens or a socket exists.
             metrics = MetricsServer(*where.metrics)
             metrics.start()
-        device = await cmd.create(config)
+        try:
+            life.device = await cmd.create(config)
+        except asyncio.CancelledError:
+            if life.stopping is None:
+                raise
+            return                                  # stopped while the device was being made
         if metrics is not None:
-            metrics.attach(device)
+            metrics.attach(life.device)
         with contextlib.suppress(asyncio.CancelledError):
-            await cmd.serve(device, config, where)
+            await cmd.serve(life.device, config, where)
+        if life.stopping is not None and not life.stopping.done():
+            life.stopping.cancel()
         log.info("%s: stopped", cmd.name)
     finally:
+        LISTENING_HOOK.reset(token)
+        life.finished()
         if metrics is not None:
             await asyncio.to_thread(metrics.close)
         # Otherwise the signals stay bound to a closed loop and are swallowed

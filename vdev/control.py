@@ -131,7 +131,7 @@ def check_params(command: str, request: dict[str, Any], params: tuple[str, ...])
     """Refuse a request with a key ``command`` does not take, naming it.
 
     Raises:
-        ValueError: e.g. ``swap: unknown parameter 'queues' (swap takes: backend)``.
+        ValueError: e.g. ``swap: unknown parameter 'queues' (swap takes: backend, force)``.
     """
     unknown = [k for k in request if k != "command" and k not in params]
     if unknown:

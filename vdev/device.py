@@ -33,10 +33,11 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import ClassVar
 
 from vhost_user.handler import BackendHooks, RegionFd, Vring
@@ -108,6 +109,10 @@ class VirtQueue:
                     self.complete(item.head, written)
                 continue
             yield item
+            if self.runtime.held:
+                # Held (a swap, a pause, a shutdown) while this pass runs: take
+                # nothing more; `resume` runs the queue again.
+                return
 
     def complete(self, chain: DescriptorChain | int, written: int, t_pop_ns: int = 0) -> None:
         """Return a chain to the driver with ``written`` bytes of device-written data.
@@ -668,12 +673,25 @@ class DeviceRuntime(BackendHooks):
         Holds nest; each `hold` is ended by one `release`.  Requests the
         Python path already took finish first (``device.drain``).
         """
-        self._holds += 1
+        self.hold_nowait()
+        # Every engine was told at once (above); now wait for each.
         for engine in list(self.engines.values()):
             await engine.quiesce()
         for vq in list(self.queues.values()):
             while vq.task is not None and not vq.task.done():
                 await asyncio.wait({vq.task})
+
+    def hold_nowait(self) -> None:
+        """The first half of `hold`: from now on no queue takes a new chain (a
+        Python pass in progress stops at its next chain, every engine is told
+        now rather than after the one before it went quiet)."""
+        self._holds += 1
+        for engine in self.engines.values():
+            engine.hold()
+
+    @property
+    def held(self) -> bool:
+        return self._holds > 0
 
     def release(self) -> None:
         self._holds = max(0, self._holds - 1)
@@ -712,16 +730,33 @@ class DeviceRuntime(BackendHooks):
         return True
 
 
+#: Called once the vhost-user socket listens.  The `vdev` command line sets it
+#: (to write ``--pidfile`` and tell systemd READY=1), so every device command
+#: that serves through `serve` gets it without passing it down.
+LISTENING_HOOK: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "vdev_listening_hook", default=None)
+
+
 async def serve(device: Device, path: str | None = None, *, client: bool = False,
                 listen_fd: int | None = None) -> None:
     """Serve ``device`` over vhost-user until cancelled (one front-end at a time)."""
     runtime = DeviceRuntime(device)
     server = VhostUserServer(runtime, path, client=client, listen_fd=listen_fd)
     runtime.server = server
+    hook = LISTENING_HOOK.get()
+    announce: asyncio.Task[None] | None = None
+    if hook is not None:
+        async def when_listening() -> None:
+            await server.ready.wait()
+            hook()
+        announce = asyncio.get_running_loop().create_task(when_listening())
     try:
         await server.serve_forever()
     finally:
+        if announce is not None:
+            announce.cancel()
         await device.aclose()
 
 
-__all__ = ["Device", "DeviceId", "DeviceRuntime", "FRAMEWORK_FEATURES", "VirtQueue", "serve"]
+__all__ = ["Device", "DeviceId", "DeviceRuntime", "FRAMEWORK_FEATURES", "LISTENING_HOOK", "VirtQueue",
+           "serve"]

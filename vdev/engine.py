@@ -85,6 +85,10 @@ class NativeEngine:
         self._e: Any = cdata
         #: Held around the copies and the free (copies come from other threads too).
         self._lock = threading.Lock()
+        #: Threads inside `wait_idle`; `close` waits for them (signalled through ``_idle``)
+        #: rather than free the engine they sleep on.
+        self._waiters = 0
+        self._idle = threading.Condition(self._lock)
         self.poll_us = poll_us
         self._mem: NativeMemory | None = None
         self._log: DirtyLog | None = None
@@ -116,7 +120,8 @@ class NativeEngine:
         self.started = True
 
     def run(self) -> None:
-        lib.vd_engine_run(self._e)
+        if self._e is not None:
+            lib.vd_engine_run(self._e)
 
     def set_enabled(self, enabled: bool) -> None:
         """SET_VRING_ENABLE for this ring.  The default holds a disabled ring
@@ -125,12 +130,25 @@ class NativeEngine:
             self.hold()
 
     def hold(self) -> None:
-        lib.vd_engine_hold(self._e)
+        # A closed engine (its queue stopped while a `quiesce` of another
+        # queue was awaited) holds nothing: no-op rather than a NULL engine.
+        if self._e is not None:
+            lib.vd_engine_hold(self._e)
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until held with nothing in flight (True) or the timeout passed (False)."""
         ms = -1 if timeout is None else max(0, int(timeout * 1000))
-        return bool(lib.vd_engine_wait_idle(self._e, ms) == 0)
+        with self._lock:
+            e = self._e
+            if e is None:            # closed (the queue stopped): nothing is in flight
+                return True
+            self._waiters += 1
+        try:
+            return bool(lib.vd_engine_wait_idle(e, ms) == 0)
+        finally:
+            with self._lock:
+                self._waiters -= 1
+                self._idle.notify_all()
 
     async def quiesce(self) -> None:
         """Hold, and wait (off the event loop) until every request in flight finished."""
@@ -180,6 +198,12 @@ class NativeEngine:
     def close(self) -> None:
         with self._lock:
             if self._e is not None:
+                if self._waiters:
+                    # A `quiesce` (a pause, a shutdown) still waits on this engine in an
+                    # executor thread: stopping the worker wakes it; free only after.
+                    lib.vd_engine_stop(self._e, ffi.NULL)
+                    while self._waiters:
+                        self._idle.wait()
                 lib.vd_engine_free(self._e)
                 self._e = None
                 self._mem = None

@@ -473,6 +473,8 @@ class BackendHandler:
                 raise ProtocolError("ADD_MEM_REG overlaps an existing region",
                                     request=msg.request.name, value=hex(start))
         self._install_memory([*self.state.regions, RegionFd(region, msg.fds[0])])
+        log.info("memory region added: guest %#x, %d MiB (%d regions)", start,
+                 region.memory_size >> 20, len(self.state.regions))
 
     def _on_rem_mem_reg(self, msg: Message) -> None:
         assert isinstance(msg.payload, SingleMemoryRegion)
@@ -494,6 +496,8 @@ class BackendHandler:
             raise ProtocolError("REM_MEM_REG names no known region", request=msg.request.name,
                                 value=tuple(hex(v) for v in key))
         self._install_memory(keep)
+        log.info("memory region removed: guest %#x, %d MiB (%d regions)", region.guest_phys_addr,
+                 region.memory_size >> 20, len(self.state.regions))
 
     # -- rings -----------------------------------------------------------------
 

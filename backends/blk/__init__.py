@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -18,6 +19,7 @@ from vdev.cli import DeviceCommand, ServeOptions
 from vdev.config import parse_int, parse_queue_size
 from vdev.control import ControlCommand, ControlServer, accepts, relative_url_paths
 from vdev.device import Device, serve
+from vdev.errors import DeviceError
 from vdev.metrics import latency_handler
 
 from .device import DATAPLANES, ID_BYTES, BlkDevice
@@ -48,8 +50,9 @@ MAX_POLL_US = 1_000_000
 CONTROL_COMMANDS = (
     ControlCommand("info", (), "the disk: storage, size, queues, requests in flight and held by a "
                                "pause, counters, the last mirror"),
-    ControlCommand("swap", ("backend=URL",), "switch the disk to other storage now (new requests wait, "
-                                             "then I/O resumes, also after a pause)"),
+    ControlCommand("swap", ("backend=URL", "[force=true]"),
+                   "switch the disk to other storage now (new requests wait, then I/O resumes, also "
+                   "after a pause); smaller storage needs force=true"),
     ControlCommand("pause", (), "hold new requests and wait for those on storage"),
     ControlCommand("resume", (), "let held requests go"),
     ControlCommand("resize", (), "re-read the storage size; a change reaches the guest"),
@@ -180,6 +183,21 @@ def _storage_spec(url: str, *, read_only: bool) -> StorageSpec:
     return replace(spec, read_only=True) if read_only else spec
 
 
+#: open() errors that say "not for writing" (a read-only mount or device, permissions).
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ETXTBSY)
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+
+def _flag(value: object, name: str) -> bool:
+    """A boolean control parameter: JSON true/false, or the strings `vdev ctl` sends."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+        return value.lower() in _TRUE
+    raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
 def _absolute_url(key: str, url: object) -> str:
     """``url`` parsed and checked; a relative file path or NBD socket is refused.
 
@@ -214,13 +232,23 @@ def control_handlers(device: BlkDevice, jobs: Jobs | None = None) -> dict[str, A
         if url is None:
             raise ValueError("swap needs a storage URL 'backend'")
         url = _absolute_url("backend", url)
+        force = _flag(request.get("force", False), "force")
         jobs.check_idle("swap")
         was_paused = device.paused
-        # Under a read-only disk the new storage is opened read-only as well.
-        new = await open_storage(_storage_spec(url, read_only=device.read_only))
+        # Under a read-only disk the new storage is opened read-only as well;
+        # under a writable one it must open read-write, and if it cannot the
+        # operator is told why (EROFS, EACCES ...), nothing having changed.
+        try:
+            new = await open_storage(_storage_spec(url, read_only=device.read_only))
+        except DeviceError as exc:
+            cause = exc.cause
+            if device.read_only or not (isinstance(cause, OSError) and cause.errno in _NOT_WRITABLE):
+                raise
+            raise DeviceError(f"cannot swap the writable disk to {url}: it does not open read-write",
+                              cause=cause) from exc
         try:
             jobs.check_idle("swap")      # a mirror may have started while the storage opened
-            old = await device.swap_storage(new)
+            old = await device.swap_storage(new, force=force)
         except BaseException:
             await new.aclose()
             raise

@@ -574,6 +574,14 @@ class BlkDevice(Device):
 
     async def aclose(self) -> None:
         await self.drain(None)
+        if not self.read_only:
+            # Stopping (SIGTERM, or the server's end): what the guest wrote
+            # reaches stable storage even if it never sent a FLUSH.
+            try:
+                await self.storage.flush()
+                log.info("blk: storage flushed: %s", self.storage.url)
+            except Exception as exc:
+                log.warning("blk: flushing %s at close failed: %s", self.storage.url, exc)
         if self._native is not None:
             self._native.close()
             self._native = None
@@ -660,22 +668,31 @@ class BlkDevice(Device):
     def paused(self) -> bool:
         return not self._resumed.is_set()
 
-    async def swap_storage(self, new: Storage) -> Storage:
+    async def swap_storage(self, new: Storage, *, force: bool = False) -> Storage:
         """Replace the storage under the running disk; returns the old one (still open).
 
         New requests wait, requests in flight complete on the old storage, then
         the new one takes over and I/O resumes (also after `pause`).  When the
         new storage needs the other data path (``file:`` -> ``nbd://``), every
         queue is restarted where it stopped on that path.  A different size
-        becomes a config change.
+        becomes a config change.  Storage smaller than the disk is refused
+        unless ``force``: the guest would lose the end of its disk (a 10-byte
+        file made it a disk of 0 sectors).
 
         Raises:
-            ValueError: the new storage cannot stand in (read-only under a writable disk).
+            ValueError: the new storage cannot stand in (read-only under a
+                writable disk, or smaller than the disk without ``force``).
         """
         if new.read_only and not self.read_only:
             raise ValueError(f"cannot swap a writable disk to read-only storage {new.url!r}")
         runtime = self.runtime
         async with self._swap_lock:
+            capacity = new.size // SECTOR * SECTOR
+            if capacity < self.capacity and not force:
+                raise ValueError(f"storage {new.url!r} holds {capacity // SECTOR} sectors "
+                                 f"({new.size} bytes), fewer than the disk's {self.capacity // SECTOR}: "
+                                 "the guest would lose the end of its disk; swap with force=true "
+                                 "to shrink it")
             was_paused = self.paused
             self._resumed.clear()
             if runtime is not None and not was_paused:
@@ -795,6 +812,10 @@ class BlkDevice(Device):
             "inflight": inflight,
             "held": held,
             "paused": self.paused,
+            # Guest memory as the front-end last described it (SET_MEM_TABLE,
+            # ADD_MEM_REG/REM_MEM_REG: a hot-plugged DIMM shows up here).
+            "memory": [{"gpa": r.gpa, "size": r.size} for r in self.runtime.mem.regions]
+                      if self.runtime is not None else [],
             "stats": dict(stats),
             "queue_stats": per_queue,
         }

@@ -678,9 +678,9 @@ async def test_swap_to_other_size_updates_capacity_and_notifies() -> None:
         # the new sectors are usable at once
         await write_ok(vm, 4 * LAST - 1, pattern(SECTOR, 3))
         assert await read_ok(vm, 4 * LAST - 1, SECTOR) == pattern(SECTOR, 3)
-        # shrinking: a second notification, and the far end is refused again
+        # shrinking (forced): a second notification, and the far end is refused again
         await old.aclose()
-        old = await device.swap_storage(MemoryStorage(DISK // 2))
+        old = await device.swap_storage(MemoryStorage(DISK // 2), force=True)
         msg = await asyncio.wait_for(vm.fe.backend_requests.get(), 5)
         assert msg.request == BackendReq.CONFIG_CHANGE_MSG
         assert (await config(vm))["capacity"] == DISK // 2 // SECTOR

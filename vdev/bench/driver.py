@@ -460,6 +460,20 @@ class BlkSession:
 
     # -- running ---------------------------------------------------------------------------
 
+    @property
+    def verify_state(self) -> dict[tuple[int, int, int, int], Any]:
+        """What ``verify`` knows was written: per queue slice, the stamp each block holds.
+
+        Hand it to a later session on the same disk (``later.verify_state =
+        earlier.verify_state``) and that session goes on checking what the
+        earlier ones wrote: data must survive a reconnection (benchmarks/soak_blk.py).
+        """
+        return self._shadows
+
+    @verify_state.setter
+    def verify_state(self, state: dict[tuple[int, int, int, int], Any]) -> None:
+        self._shadows = state
+
     def _shadow(self, queue: int, first: int, n: int, bs: int) -> Any:
         """The verify shadow of a queue's slice; kept across runs on this session."""
         key = (queue, first, n, bs)

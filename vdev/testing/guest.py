@@ -18,6 +18,16 @@ Guest RAM is a shared memfd, as vhost-user back ends must map it.  The
 initramfs is ~90 MB (fio's libraries) and is held twice while it unpacks,
 so give the guest at least 384 MB.  The accelerator defaults to TCG
 (``$VDEV_ACCEL`` overrides it): guests have been seen to hang under KVM here.
+
+Most tests want `run_in_guest` (boot, run, power off, collect).  Tests that
+act on a guest while it runs — live migration, memory hot-plug — use
+`GuestVM`: the same guest, started with a QMP socket driven by QEMU's own
+client library (``qemu.qmp``).  `GuestVM.incoming_twin` makes the
+destination of a migration (the same command line plus ``-incoming``),
+`GuestVM.migrate` moves the guest there (or `start_migration`,
+`set_migration` and `wait_migration` step by step), and `guest_result`
+reads the script's output across both consoles (the script's later output
+appears on the destination's).
 """
 
 from __future__ import annotations
@@ -41,8 +51,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-__all__ = ["GuestBootError", "GuestImage", "GuestResult", "NewcWriter", "build_guest_image",
-           "default_cache_dir", "run_in_guest", "run_in_guest_sync"]
+__all__ = ["GuestBootError", "GuestImage", "GuestResult", "GuestVM", "NewcWriter", "build_guest_image",
+           "default_cache_dir", "guest_result", "run_in_guest", "run_in_guest_sync"]
 
 log = logging.getLogger(__name__)
 
@@ -358,12 +368,15 @@ def _write_initrd(initrd: Path, base: Path, script: str, files: Mapping[str, byt
 
 
 def _qemu_command(image: GuestImage, initrd: Path, *, memory_mb: int, smp: int, accel: str,
-                  qemu_args: Sequence[str]) -> list[str]:
-    return [QEMU, "-accel", accel, "-machine", "q35", "-m", str(memory_mb), "-smp", str(smp),
+                  qemu_args: Sequence[str], memory_slots: int = 0, max_memory_mb: int = 0,
+                  kernel_args: Sequence[str] = ()) -> list[str]:
+    # Room for pc-dimms (memory hot-plug) when asked: "-m SIZE,slots=N,maxmem=MAX".
+    memory = f"{memory_mb}M,slots={memory_slots},maxmem={max_memory_mb}M" if memory_slots else str(memory_mb)
+    return [QEMU, "-accel", accel, "-machine", "q35", "-m", memory, "-smp", str(smp),
             # vhost-user back ends mmap guest RAM, so it must be a shared, fd-backed region.
             "-object", f"memory-backend-memfd,id=mem,size={memory_mb}M,share=on", "-numa", "node,memdev=mem",
             "-kernel", str(image.kernel), "-initrd", str(initrd),
-            "-append", "console=ttyS0 quiet loglevel=3 panic=-1",
+            "-append", " ".join(("console=ttyS0 quiet loglevel=3 panic=-1", *kernel_args)),
             "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot",
             *qemu_args]
 
@@ -443,3 +456,244 @@ def _text(data: bytes | bytearray) -> str:
 def run_in_guest_sync(image: GuestImage, script: str, **kwargs: Any) -> GuestResult:
     """`run_in_guest` for synchronous callers; takes the same keyword arguments."""
     return asyncio.run(run_in_guest(image, script, **kwargs))
+
+
+def guest_result(*consoles: bytes | bytearray, duration: float = 0.0) -> GuestResult | None:
+    """The script's result from the serial output of one or more QEMUs, in order.
+
+    A migrated guest begins its script on the source's console and ends it
+    on the destination's: pass both.  None if the end marker is not there.
+    """
+    console = b"".join(bytes(c) for c in consoles)
+    match = _END_RE.search(console)
+    if match is None:
+        return None
+    begin = re.search(re.escape(BEGIN_MARKER.encode()) + rb"\r?\n", console)
+    output = _text(console[begin.end():match.start()]) if begin else ""
+    return GuestResult(int(match.group(1)), output, _text(console), duration)
+
+
+class GuestVM:
+    """One running guest with a QMP monitor, for tests that act on it while it runs.
+
+    >>> vm = GuestVM(image, script, qemu_args=[...], workdir=tmp)      # doctest: +SKIP
+    >>> await vm.start()                                               # doctest: +SKIP
+    >>> await vm.execute("query-status")                               # doctest: +SKIP
+    >>> result = await vm.wait_result(timeout=300)                     # doctest: +SKIP
+    >>> await vm.close()                                               # doctest: +SKIP
+
+    ``workdir`` holds the initrd and the QMP socket (keep its path short:
+    Unix socket paths are limited to 108 bytes).  ``console`` accumulates
+    the serial output.  ``memory_slots``/``max_memory_mb`` leave room for
+    ``pc-dimm`` hot-plug; ``kernel_args`` are added to the guest kernel's
+    command line.  Nothing here replaces `run_in_guest`, which tests
+    that only need a script's output keep using.
+    """
+
+    def __init__(self, image: GuestImage, script: str = "", *, workdir: Path, name: str = "vm",
+                 qemu_args: Sequence[str] = (), memory_mb: int = 512, smp: int = 1,
+                 accel: str | None = None, files: Mapping[str, bytes] | None = None,
+                 memory_slots: int = 0, max_memory_mb: int = 0, incoming: str | None = None,
+                 initrd: Path | None = None, kernel_args: Sequence[str] = ()) -> None:
+        self.image = image
+        self.script = script
+        self.workdir = Path(workdir)
+        self.name = name
+        self.qemu_args = list(qemu_args)
+        self.memory_mb = memory_mb
+        self.smp = smp
+        self.accel = accel or os.environ.get("VDEV_ACCEL", "tcg")
+        self.files = dict(files or {})
+        self.memory_slots = memory_slots
+        self.max_memory_mb = max_memory_mb
+        self.incoming = incoming
+        self.kernel_args = list(kernel_args)
+        self.initrd = initrd if initrd is not None else self.workdir / f"{name}.initrd"
+        self._own_initrd = initrd is None
+        self.qmp_path = self.workdir / f"{name}.qmp"
+        self.console = bytearray()
+        self.proc: asyncio.subprocess.Process | None = None
+        self.qmp: Any = None
+        self._pump: asyncio.Task[None] | None = None
+        self._stderr: asyncio.Task[bytes] | None = None
+        self._output = asyncio.Event()
+        self.started = 0.0
+
+    def command(self) -> list[str]:
+        extra = ["-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
+        if self.incoming is not None:
+            extra += ["-incoming", self.incoming]
+        return _qemu_command(self.image, self.initrd, memory_mb=self.memory_mb, smp=self.smp,
+                             accel=self.accel, qemu_args=[*self.qemu_args, *extra],
+                             memory_slots=self.memory_slots, max_memory_mb=self.max_memory_mb,
+                             kernel_args=self.kernel_args)
+
+    async def start(self, timeout: float = 30) -> None:
+        """Start QEMU and connect to its QMP socket."""
+        from qemu.qmp import QMPClient
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self._own_initrd:
+            await asyncio.to_thread(_write_initrd, self.initrd, self.image.initramfs, self.script, self.files)
+        log.debug("starting guest %s: %s", self.name, " ".join(self.command()))
+        self.started = time.monotonic()
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            preexec_fn=_die_with_parent_hook())
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self._stderr = asyncio.ensure_future(self.proc.stderr.read())
+        self._pump = asyncio.ensure_future(self._read_console(self.proc.stdout))
+        self.qmp = QMPClient(self.name)
+        async with asyncio.timeout(timeout):
+            while True:
+                if self.proc.returncode is not None:
+                    raise await self._boot_error(f"QEMU {self.name} exited at start")
+                if self.qmp_path.exists():
+                    try:
+                        await self.qmp.connect(str(self.qmp_path))
+                        break
+                    except Exception:      # not accepting yet (qemu.qmp wraps the OSError)
+                        pass
+                await asyncio.sleep(0.05)
+
+    async def _read_console(self, stdout: asyncio.StreamReader) -> None:
+        while chunk := await stdout.read(65536):
+            self.console.extend(chunk)
+            self._output.set()
+
+    async def _boot_error(self, reason: str) -> GuestBootError:
+        stderr = b""
+        if self._stderr is not None and self.proc is not None and self.proc.returncode is not None:
+            stderr = await self._stderr
+        return GuestBootError(reason, console=_text(self.console),
+                              returncode=None if self.proc is None else self.proc.returncode,
+                              stderr=stderr.decode(errors="replace"))
+
+    async def send_console(self, text: str) -> None:
+        """Type ``text`` on the serial console (a script reads it with ``read x < /dev/ttyS0``)."""
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(text.encode())
+        await self.proc.stdin.drain()
+
+    async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
+        """Run one QMP command and return its answer (raises qemu.qmp.ExecuteError)."""
+        return await self.qmp.execute(command, arguments)
+
+    async def wait_output(self, pattern: str | bytes, *before: GuestVM,
+                          timeout: float = 300) -> re.Match[bytes]:
+        """Wait until the console shows ``pattern`` (a regex); return the match.
+
+        ``before`` are the guests this one migrated from: their consoles are
+        searched first (the line may have come out before the move).
+        """
+        rx = re.compile(pattern.encode() if isinstance(pattern, str) else pattern)
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    console = b"".join(bytes(b.console) for b in before) + self.console
+                    if (m := rx.search(console)) is not None:
+                        return m
+                    if self._pump is not None and self._pump.done():
+                        raise await self._boot_error(f"QEMU {self.name} exited before printing {pattern!r}")
+                    self._output.clear()
+                    if before:      # their consoles may grow too: look again soon
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._output.wait(), 0.1)
+                    else:
+                        await self._output.wait()
+        except TimeoutError:
+            raise await self._boot_error(f"{pattern!r} not seen within {timeout:g}s") from None
+
+    async def wait_result(self, *before: GuestVM, timeout: float = 300) -> GuestResult:
+        """Wait for the script's end; ``before`` are the guests this one migrated from."""
+        await self.wait_output(_END_RE.pattern, timeout=timeout)
+        result = guest_result(*(b.console for b in before), self.console,
+                              duration=time.monotonic() - (before[0] if before else self).started)
+        assert result is not None
+        return result
+
+    def incoming_twin(self, name: str, *, qemu_args: Sequence[str] | None = None,
+                      uri: str | None = None) -> GuestVM:
+        """A destination for migrating this guest: the same machine (memory, CPUs, kernel and
+        initrd) waiting on ``-incoming`` (default a Unix socket in the work directory);
+        ``qemu_args`` are its device arguments (the same devices, its own back ends)."""
+        return GuestVM(self.image, self.script, workdir=self.workdir, name=name,
+                       qemu_args=self.qemu_args if qemu_args is None else qemu_args,
+                       memory_mb=self.memory_mb, smp=self.smp, accel=self.accel, files=self.files,
+                       memory_slots=self.memory_slots, max_memory_mb=self.max_memory_mb,
+                       incoming=uri or f"unix:{self.workdir / (name + '.migrate')}", initrd=self.initrd,
+                       kernel_args=self.kernel_args)
+
+    async def start_migration(self, dest: GuestVM, *, max_bandwidth: int = 1 << 30,
+                              downtime_ms: int = 500) -> None:
+        """Set the bandwidth cap and the downtime limit, and start migrating to ``dest``
+        (started with `incoming_twin`); returns at once (see `wait_migration`).
+
+        The cap is raised from QEMU's 32 MiB/s default so a TCG guest
+        converges quickly.  A small ``downtime_ms`` (1) with a guest that
+        keeps dirtying memory keeps the migration iterating until
+        `set_migration` raises the limit (a test acts on the guest meanwhile);
+        0 does not: QEMU then never re-reads the dirty bitmap and completes
+        after the first pass.
+        """
+        assert dest.incoming is not None
+        await self.set_migration(max_bandwidth=max_bandwidth, downtime_ms=downtime_ms)
+        await self.execute("migrate", {"uri": dest.incoming})
+
+    async def set_migration(self, *, max_bandwidth: int | None = None,
+                            downtime_ms: int | None = None) -> None:
+        """Change the bandwidth cap (bytes/s) or the downtime limit (ms), also mid-migration."""
+        params: dict[str, object] = {}
+        if max_bandwidth is not None:
+            params["max-bandwidth"] = max_bandwidth
+        if downtime_ms is not None:
+            params["downtime-limit"] = downtime_ms
+        await self.execute("migrate-set-parameters", params)
+
+    async def migration(self) -> dict[str, Any]:
+        """``query-migrate``; raises RuntimeError if the migration failed or was cancelled."""
+        info: dict[str, Any] = await self.execute("query-migrate")
+        if info.get("status") in ("failed", "cancelled"):
+            raise RuntimeError(f"migration from {self.name} {info['status']}: "
+                               f"{info.get('error-desc', info)}")
+        return info
+
+    async def wait_migration(self, *, passes: int | None = None, timeout: float = 120) -> dict[str, Any]:
+        """Wait until the migration completed, or (``passes``) until QEMU has
+        synchronised the dirty bitmap that many times — 2 means the first
+        pass over all of RAM is done, every page sent once.  Returns the
+        ``query-migrate`` answer."""
+        async with asyncio.timeout(timeout):
+            while True:
+                info = await self.migration()
+                if info.get("status") == "completed":
+                    return info
+                if passes is not None and info.get("ram", {}).get("dirty-sync-count", 0) >= passes:
+                    return info
+                await asyncio.sleep(0.05)
+
+    async def migrate(self, dest: GuestVM, *, max_bandwidth: int = 1 << 30, downtime_ms: int = 500,
+                      timeout: float = 120) -> dict[str, Any]:
+        """Live-migrate to ``dest`` (started with `incoming_twin`) and wait for ``completed``.
+
+        Returns the final ``query-migrate`` answer; raises RuntimeError if the
+        migration fails.
+        """
+        await self.start_migration(dest, max_bandwidth=max_bandwidth, downtime_ms=downtime_ms)
+        return await self.wait_migration(timeout=timeout)
+
+    async def close(self) -> None:
+        """Disconnect QMP and stop QEMU (if it still runs)."""
+        if self.qmp is not None:
+            with contextlib.suppress(Exception):
+                await self.qmp.disconnect()
+        if self.proc is not None:
+            await _stop(self.proc)
+        for task in (self._pump, self._stderr):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        if self._own_initrd:
+            with contextlib.suppress(FileNotFoundError):
+                self.initrd.unlink()
