@@ -186,7 +186,8 @@ async def soak(args: argparse.Namespace) -> int:
         t0 = time.monotonic()
         until = t0 + args.minutes * 60
         totals, stop, swaps, swapped = Totals(), threading.Event(), [], []
-        loader = threading.Thread(target=load, args=(str(sock), daemon.pid, size, until, args.segment, t0, totals, stop),
+        loader = threading.Thread(target=load,
+                                  args=(str(sock), daemon.pid, size, until, args.segment, t0, totals, stop),
                                   name="soak-load", daemon=True)
         loader.start()
         swapping = asyncio.get_running_loop().create_task(

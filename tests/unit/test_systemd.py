@@ -47,7 +47,9 @@ def vdev(*args: str, env: dict[str, str] | None = None, pass_fds: tuple[int, ...
     out = open(log, "wb") if log is not None else subprocess.DEVNULL      # noqa: SIM115
     try:
         return subprocess.Popen([sys.executable, "-m", "vdev", *args], stdout=out, stderr=subprocess.STDOUT,
-                                env=env, pass_fds=pass_fds, preexec_fn=preexec_fn)
+                                env=env, pass_fds=pass_fds,
+                                # LISTEN_PID must name the child, known only after fork
+                                preexec_fn=preexec_fn)  # noqa: PLW1509
     finally:
         if log is not None:
             out.close()       # type: ignore[union-attr]
@@ -194,7 +196,7 @@ async def test_pidfile_of_a_running_daemon_is_refused_before_any_socket(workdir:
         second = subprocess.run([sys.executable, "-m", "vdev", "blk", "--socket", str(workdir / "b.sock"),
                                  "--backend", "mem:1M", "--pidfile", str(pidfile), "--control",
                                  str(workdir / "b.ctl")], capture_output=True, text=True, timeout=60,
-                                env=env_with())
+                                env=env_with(), check=False)
         assert second.returncode == 2
         lines = second.stderr.strip().splitlines()
         assert len(lines) == 1, second.stderr
@@ -282,7 +284,7 @@ def test_fd_that_is_not_a_listening_unix_stream_socket_is_a_bad_value(workdir: P
     try:
         done = subprocess.run([sys.executable, "-m", "vdev", "blk", "--fd", str(fd), "--backend", "mem:1M",
                                "--control", str(workdir / "ctl")], capture_output=True, text=True,
-                              timeout=60, pass_fds=pass_fds, env=env_with())
+                              timeout=60, pass_fds=pass_fds, env=env_with(), check=False)
     finally:
         for k in keep:
             k.close()   # type: ignore[attr-defined]
@@ -297,7 +299,7 @@ def test_fd_that_is_not_a_listening_unix_stream_socket_is_a_bad_value(workdir: P
 def test_bad_service_options_are_named(workdir: Path, bad: list[str]) -> None:
     done = subprocess.run([sys.executable, "-m", "vdev", "blk", "--socket", str(workdir / "s"),
                            "--backend", "mem:1M", *bad], capture_output=True, text=True, timeout=60,
-                          env=env_with())
+                          env=env_with(), check=False)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and bad[1] in lines[0] and bad[0] in lines[0], lines
