@@ -38,8 +38,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from pyroute2 import IPRoute, NetNS
-from pyroute2.netlink.exceptions import NetlinkError
+# pyroute2 is imported where it is used, not here: it costs about 8 MiB of
+# resident memory, which every `vdev` command would pay (the command loads
+# every device's module to list them), `vdev blk` included.
 
 log = logging.getLogger("backends.net.tap")
 
@@ -148,6 +149,7 @@ def run_in_netns(netns: str | None, fn: Callable[[], T]) -> T:
 
 def _ipr(netns: str | None) -> Any:
     """A synchronous netlink socket (only on a `run_in_netns` thread)."""
+    from pyroute2 import IPRoute, NetNS
     return NetNS(netns) if netns is not None else IPRoute()
 
 
@@ -179,6 +181,7 @@ class Tap:
             TapError: the system refused (exists already, missing, no such
                 netns or bridge, not permitted), naming what.
         """
+        from pyroute2.netlink.exceptions import NetlinkError
         if spec.netns is not None and not os.path.exists(os.path.join(NETNS_DIR, spec.netns)):
             raise TapError(f"--tap-netns: network namespace {spec.netns!r} does not exist")
         flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (IFF_MULTI_QUEUE if spec.queues > 1 else 0)
@@ -230,6 +233,8 @@ class Tap:
             raise
 
     def _configure(self) -> None:
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
         spec = self.spec
         if spec.netns is not None and not spec.existing:
             def move() -> None:
@@ -300,6 +305,7 @@ class Tap:
 
     def link_up(self) -> bool | None:
         """Whether the TAP is administratively up (None: it is gone).  Blocks briefly."""
+        from pyroute2.netlink.exceptions import NetlinkError
         def body() -> bool | None:
             with _ipr(None) as ipr:
                 found = ipr.link_lookup(ifname=self.name)
@@ -347,6 +353,7 @@ def _probe_offloads(fd: int) -> int:
 
 
 def _netlink(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    from pyroute2.netlink.exceptions import NetlinkError
     try:
         fn(*args, **kwargs)
     except (NetlinkError, OSError) as exc:

@@ -174,3 +174,12 @@ async def test_cable_between_two_daemons_survives_a_restart(short_dir: str) -> N
         assert a.stop() == 0, a.text()
         if b.proc is not None and b.proc.poll() is None:
             assert b.stop() == 0, b.text()
+
+
+def test_loading_every_device_command_leaves_pyroute2_unimported() -> None:
+    """`vdev` loads every device's module to list them, so `vdev blk` paid for
+    pyroute2 (about 8 MiB resident, past the 40 MiB an idle daemon may use)."""
+    code = ("import sys, vdev.cli; vdev.cli.load_commands(); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'pyroute2'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
