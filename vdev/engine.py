@@ -31,7 +31,7 @@ import asyncio
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from ._native import ffi, lib
 from .errors import VdevError
@@ -65,8 +65,23 @@ class EngineClosed(VdevError):
     """The engine was closed: it has no counters any more."""
 
 
-def _dup(fd: int | None) -> int:
+def dup_fd(fd: int | None) -> int:
+    """A duplicate for the C side to own (-1 for none)."""
     return -1 if fd is None else os.dup(fd)
+
+
+def start_failed(rc: int, fds: tuple[int, ...], index: int) -> NoReturn:
+    """Close the duplicates a failed C ring start left with us; raise why it failed.
+
+    ``rc`` < 0 is a negated errno (the worker could not start), > 0 a ring
+    layout error (`vdev.native.ring_error`).
+    """
+    for fd in fds:
+        if fd >= 0:
+            os.close(fd)
+    if rc < 0:
+        raise OSError(-rc, f"queue {index}: {os.strerror(-rc)}")
+    raise ring_error(rc, queue=index)
 
 
 class NativeEngine:
@@ -104,17 +119,12 @@ class NativeEngine:
             GuestError: the rings do not lie in guest memory.
             OSError: the worker could not be started.
         """
-        kick, call = _dup(kick_fd), _dup(call_fd)
+        kick, call = dup_fd(kick_fd), dup_fd(call_fd)
         rc = lib.vd_engine_start(self._e, mem.cdata, spec.size, spec.index, spec.desc, spec.avail,
                                  spec.used, spec.next_avail & 0xFFFF, spec.next_used & 0xFFFF,
                                  spec.event_idx, spec.indirect, kick, call, self.poll_us)
         if rc:
-            for fd in (kick, call):
-                if fd >= 0:
-                    os.close(fd)
-            if rc < 0:
-                raise OSError(-rc, f"queue {spec.index}: {os.strerror(-rc)}")
-            raise ring_error(rc, queue=spec.index)
+            start_failed(rc, (kick, call), spec.index)
         self._mem = mem
         self.index = spec.index
         self.started = True
@@ -163,10 +173,10 @@ class NativeEngine:
         self._mem = mem
 
     def set_call(self, fd: int | None) -> None:
-        lib.vd_engine_set_call(self._e, _dup(fd))
+        lib.vd_engine_set_call(self._e, dup_fd(fd))
 
     def set_kick(self, fd: int | None) -> None:
-        lib.vd_engine_set_kick(self._e, _dup(fd))
+        lib.vd_engine_set_kick(self._e, dup_fd(fd))
 
     def set_log(self, log: DirtyLog | None, log_used: bool, log_used_gpa: int) -> None:
         """Log dirty pages into ``log`` (None: stop); only while held and idle (or not yet run)."""

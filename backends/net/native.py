@@ -21,7 +21,7 @@ import threading
 from typing import Any
 
 from vdev._native import ffi, lib
-from vdev.engine import EngineClosed, NativeEngine, RingSpec
+from vdev.engine import EngineClosed, NativeEngine, RingSpec, dup_fd, start_failed
 from vdev.errors import VdevError
 from vdev.histogram import LatencyHistogram
 from vdev.native import NativeMemory, ring_error
@@ -84,7 +84,7 @@ class NativePort:
 
     def set_fd(self, fd: int | None) -> None:
         """Link to ``fd`` (a TAP queue, a cable socket; the port gets its own dup), or none."""
-        lib.vd_net_port_set_fd(self.cdata, -1 if fd is None else os.dup(fd))
+        lib.vd_net_port_set_fd(self.cdata, dup_fd(fd))
         self.peer = None
 
     def set_peer(self, peer: NativePort | None) -> None:
@@ -135,18 +135,12 @@ class NetQueueEngine(NativeEngine):
 
     def start(self, mem: NativeMemory, spec: RingSpec, kick_fd: int | None, call_fd: int | None) -> None:
         """Raises GuestError if the rings are not in guest memory, OSError if out of memory."""
-        kick = -1 if kick_fd is None else os.dup(kick_fd)
-        call = -1 if call_fd is None else os.dup(call_fd)
+        kick, call = dup_fd(kick_fd), dup_fd(call_fd)
         rc = lib.vd_net_ring_start(self.port.cdata, self.which, mem.cdata, spec.size, spec.index,
                                    spec.desc, spec.avail, spec.used, spec.next_avail & 0xFFFF,
                                    spec.next_used & 0xFFFF, spec.event_idx, spec.indirect, kick, call)
         if rc:
-            for fd in (kick, call):
-                if fd >= 0:
-                    os.close(fd)
-            if rc < 0:
-                raise OSError(-rc, f"queue {spec.index}: {os.strerror(-rc)}")
-            raise ring_error(rc, queue=spec.index)
+            start_failed(rc, (kick, call), spec.index)
         self._mem = mem
         self.index = spec.index
         self.started = True
@@ -175,10 +169,10 @@ class NetQueueEngine(NativeEngine):
         self._mem = mem
 
     def set_call(self, fd: int | None) -> None:
-        lib.vd_net_ring_set_call(self.port.cdata, self.which, -1 if fd is None else os.dup(fd))
+        lib.vd_net_ring_set_call(self.port.cdata, self.which, dup_fd(fd))
 
     def set_kick(self, fd: int | None) -> None:
-        lib.vd_net_ring_set_kick(self.port.cdata, self.which, -1 if fd is None else os.dup(fd))
+        lib.vd_net_ring_set_kick(self.port.cdata, self.which, dup_fd(fd))
 
     def set_log(self, log: DirtyLog | None, log_used: bool, log_used_gpa: int) -> None:
         """Migration: log the receive buffers written and (``log_used``) the used ring."""
