@@ -212,7 +212,10 @@ async def test_failing_auto_and_cancelled_mirrors_under_fio(guest_image: GuestIm
     vdev_daemon("blk", "--socket", str(sock), "--backend", f"file:{a}", "--control", str(ctl_path),
                 wait_for=sock)
     ctl = Ctl(ctl_path)
-    bs = 16 * 1024
+    # 4 KiB writes: 32768 of them keep fio writing through all three mirrors
+    # (with 16 KiB ones, a quiet machine's guest finished writing before the
+    # rate-limited mirror was cancelled).
+    bs = 4 * 1024
     script = f"""
 set -e
 {fio("all", 0, DISK, bs=bs)}
@@ -236,7 +239,7 @@ echo all-ok
         seen["writes_after_auto"] = await ctl.writes()
         seen["after_auto"] = await ctl("info")
 
-        r = await ctl("mirror", target=f"file:{c}", rate="16M")
+        r = await ctl("mirror", target=f"file:{c}", rate="64M")
         assert r["ok"], r
         async with asyncio.timeout(60):
             while (await ctl.job())["bytes_copied"] < DISK * 3 // 10:
