@@ -19,7 +19,6 @@ import json
 import os
 import pty
 import shutil
-import signal
 import struct
 import subprocess
 import sys
@@ -39,7 +38,7 @@ from vdev.cli import main
 from vdev.control import control_request
 from vdev.histogram import LatencyHistogram
 from vdev.metrics import window_histogram
-from vdev.testing import Buffer, device_pair
+from vdev.testing import Buffer, device_pair, stop_process
 
 
 @pytest.fixture
@@ -70,14 +69,7 @@ class Daemon:
             time.sleep(0.02)
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc)
 
 
 @pytest.fixture

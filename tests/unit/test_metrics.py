@@ -17,7 +17,6 @@ import contextlib
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from vdev.metrics import (
     parse_hostport,
     prometheus_buckets,
 )
+from vdev.testing import stop_process
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -91,14 +91,7 @@ class Daemon:
         return out
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc)
 
 
 @contextlib.contextmanager

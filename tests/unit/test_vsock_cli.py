@@ -11,7 +11,6 @@ import json
 import os
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ import pytest
 
 from backends.vsock.testing import VsockGuest, attach_guest
 from vdev.cli import main
-from vdev.testing import VirtioFrontend
+from vdev.testing import VirtioFrontend, stop_process
 
 
 @pytest.fixture
@@ -118,14 +117,7 @@ class Daemon:
 
     def stop(self) -> int:
         assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc)
 
 
 @contextlib.asynccontextmanager

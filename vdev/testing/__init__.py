@@ -23,7 +23,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import struct
+import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -49,7 +51,20 @@ from ..uapi.virtio import (
 from .conformance import check_queue
 
 __all__ = ["Buffer", "DriverQueue", "check_queue", "FakeGuestMemory", "MemfdGuestMemory", "Used",
-           "VirtioFrontend", "device_pair"]
+           "VirtioFrontend", "device_pair", "stop_process"]
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
+    """Stop a daemon a test started as an operator would: SIGTERM, then SIGKILL
+    after ``timeout`` seconds; its exit status (negative: the signal that ended it)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
 
 _DESC = struct.Struct("<QIHH")
 _USED = struct.Struct("<II")
