@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from vdev.testing import stop_process
 from vdev.testing.guest import QEMU, GuestImage, build_guest_image
 
 _HERE = Path(__file__).parent
@@ -68,15 +68,9 @@ class Daemon:
     def stop(self) -> int:
         """SIGTERM, wait, and return the exit status (the daemon must exit cleanly)."""
         assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        code = stop_process(self.proc)
         self._log.close()
-        return self.proc.returncode
+        return code
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ from backends.blk.storage import open_storage
 from vdev.cli import build_parser, load_commands, main, progress_line
 from vdev.errors import GuestError
 from vdev.memory import RegionTable
-from vdev.testing import Buffer, VirtioFrontend
+from vdev.testing import Buffer, VirtioFrontend, stop_process
 from vhost_user.frontend import Frontend
 
 REPO = Path(__file__).resolve().parents[2]
@@ -84,14 +84,7 @@ class Daemon:
         return self.log.read().decode(errors="replace")
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc, 15)
 
 
 @pytest.fixture
