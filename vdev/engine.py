@@ -227,6 +227,7 @@ class NativeEngine:
         d: dict[str, Any] = {name: int(getattr(out, name)) for name in ENGINE_COUNTERS}
         d["by_type"] = [int(x) for x in out.by_type]
         d["broken"] = int(out.broken)
+        d["poll_ns"] = int(out.poll_ns)     # the adaptive polling window now (a gauge)
         return d
 
     def histogram(self) -> LatencyHistogram:

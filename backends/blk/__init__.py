@@ -113,8 +113,9 @@ class BlkCommand(DeviceCommand):
                             "file: storage), python (the event loop; any storage), or auto "
                             "(default: native when the storage supports it)")
         g.add_argument("--poll-us", default="0", metavar="N",
-                       help="native path: busy-poll the ring for up to N microseconds after the last "
-                            "request before sleeping on the kick eventfd (default 0: never)")
+                       help="native path: busy-poll the ring after the last request before "
+                            "sleeping on the kick eventfd, for an adaptive window of at most N "
+                            "microseconds (default 0: never)")
 
     def configure(self, args: argparse.Namespace) -> BlkConfig:
         if (args.backend is None) == (args.blk_file is None):

@@ -786,12 +786,16 @@ class BlkDevice(Device):
         # Requests parked at the gate by a pause have not reached storage:
         # they are not in flight.
         inflight = sum(len(s) for s in self._inflight.values()) - len(self._parked)
-        for engine in self._engines().values():
+        poll_ns: dict[int, int] = {}
+        for index, engine in self._engines().items():
             q = engine.stats()
             inflight += q["inflight"]
+            poll_ns[index] = q["poll_ns"]
             self._count_native(stats, q)
-        # Per queue: both data paths and stopped engines, since the daemon started.
+        # Per queue: both data paths and stopped engines, since the daemon started;
+        # poll_ns is a running engine's adaptive polling window now (--poll-us).
         per_queue = [{"queue": index, "native": snap.native, **snap.counters,
+                      "poll_ns": poll_ns.get(index, 0),
                       "by_type": dict(zip(NATIVE_STAT_NAMES, snap.by_type)),
                       "latency_us": snap.latency.summary_us()}
                      for index, snap in self.queue_snapshots().items()]

@@ -15,6 +15,8 @@
  * bounds the latency a long burst adds to its first requests. */
 #define BATCH_MAX 64
 #define NO_CHANGE (-2)
+/* The first adaptive polling window (QEMU starts at 4 us too). */
+#define POLL_START_NS 4000u
 
 uint64_t vd_now_ns(void)
 {
@@ -246,6 +248,36 @@ static int take_requests(struct vd_engine *e)
     return want;
 }
 
+/* Adaptive polling, after QEMU's AioContext (util/aio-posix.c): --poll-us is
+ * the ceiling and poll_ns the window actually polled.  `idle_ns` is how long
+ * the worker waited, polling then sleeping, for the request it just took.
+ * Found within the window: the window is right.  Longer than the ceiling:
+ * polling would not have caught it, so halve the window (QEMU drops it to
+ * 0; halving lets one late request cost one short window, not a regrowth
+ * through five sleeps).  In between: a longer window would have caught it,
+ * so double it, from 4 us, up to the ceiling.  A queue whose requests come
+ * further apart than the ceiling thus stops polling, and one served at
+ * steady depth polls just long enough. */
+static void adapt_poll(struct vd_engine *e, uint64_t idle_ns, uint64_t max_ns)
+{
+    uint64_t w = e->poll_ns;
+    if (w > max_ns)
+        w = max_ns;                         /* the ceiling was lowered */
+    if (idle_ns <= w) {
+        /* caught by polling */
+    } else if (idle_ns > max_ns) {
+        w /= 2;
+        if (w < POLL_START_NS)
+            w = 0;
+    } else {
+        w = w ? w * 2 : POLL_START_NS;
+        if (w > max_ns)
+            w = max_ns;
+    }
+    e->poll_ns = w;
+    RELAXED_STORE(&e->stats.poll_ns, w);
+}
+
 static void *worker(void *arg)
 {
     struct vd_engine *e = arg;
@@ -302,13 +334,25 @@ static void *worker(void *arg)
             e->ops->handle_parked(e);
         flush(e);
         settle_kick(e);
-        if (taken > 0)
+        uint32_t poll_us = RELAXED_LOAD(&e->poll_us);
+        if (taken > 0) {
+            if (e->idle_since != 0) {
+                if (poll_us > 0)
+                    adapt_poll(e, vd_now_ns() - e->idle_since, (uint64_t)poll_us * 1000u);
+                e->idle_since = 0;
+            }
             continue;
+        }
+        if (poll_us > 0 && e->idle_since == 0)
+            e->idle_since = vd_now_ns();
 
-        if (e->poll_us > 0) {
+        uint64_t window = e->poll_ns;
+        if (window > (uint64_t)poll_us * 1000u)
+            window = (uint64_t)poll_us * 1000u;     /* the ceiling was lowered */
+        if (window > 0) {
             /* Busy-poll with kicks still suppressed: a request arriving now is
              * taken without a kick or a wake-up. */
-            uint64_t deadline = vd_now_ns() + (uint64_t)e->poll_us * 1000u;
+            uint64_t deadline = e->idle_since + window;
             bool found = false;
             while (vd_now_ns() < deadline && RELAXED_LOAD(&e->want) == VD_WANT_RUN) {
                 if (vd_vring_pending(&e->vr) != 0) {

@@ -1,8 +1,9 @@
 /* A queue engine: one worker thread serving one started virtqueue.
  *
  * The worker owns the ring while it runs: it sleeps on the kick eventfd (or
- * busy-polls the avail ring for up to poll_us after the last request, with
- * notifications suppressed, as QEMU's iothread poll-max-ns does), pops a
+ * busy-polls the avail ring after the last request, with notifications
+ * suppressed, for an adaptive window of at most poll_us, as QEMU's iothread
+ * poll-max-ns with poll-grow/poll-shrink does), pops a
  * batch of chains, hands each to the device (struct vd_engine_ops), reaps
  * what the device finished, publishes the used entries once per batch and
  * writes the call eventfd at most once per batch, when the EVENT_IDX /
@@ -53,6 +54,7 @@ struct vd_engine_stats {
     uint64_t polled;                /* batches found by busy-polling, not a kick */
     uint64_t inflight;              /* requests taken and not yet completed (a gauge) */
     uint64_t broken;                /* 0, or the ring error that broke the queue */
+    uint64_t poll_ns;               /* the adaptive polling window now (a gauge) */
 };
 
 struct vd_engine;
@@ -88,7 +90,9 @@ struct vd_engine {
     int ctl_fd;
     int new_kick_fd;        /* -2: no change pending */
     int new_call_fd;
-    uint32_t poll_us;
+    uint32_t poll_us;       /* polling ceiling, set by Python */
+    uint64_t poll_ns;       /* worker-owned: the adaptive window, <= poll_us */
+    uint64_t idle_since;    /* worker-owned: when the ring was last found empty, 0: busy */
 
     pthread_t thread;
     bool thread_started;
