@@ -80,6 +80,8 @@ class Cell:
     seconds: float = 0.0
     cpu_ns: int = 0
     cpu_requests: float = 0.0
+    sleeps: int = 0
+    sleep_requests: float = 0.0
     histogram: LatencyHistogram = field(default_factory=LatencyHistogram.empty)
     runs: list[RunResult] = field(default_factory=list)
     failure: str | None = None
@@ -91,6 +93,9 @@ class Cell:
         if r.backend_cpu_ns is not None and r.backend_cpu_seconds:
             self.cpu_ns += r.backend_cpu_ns
             self.cpu_requests += r.iops * r.backend_cpu_seconds
+            if r.backend_sleeps is not None:
+                self.sleeps += r.backend_sleeps
+                self.sleep_requests += r.iops * r.backend_cpu_seconds
         self.runs.append(r)
 
     @property
@@ -100,6 +105,10 @@ class Cell:
     @property
     def cpu_us(self) -> float | None:
         return self.cpu_ns / self.cpu_requests / 1000 if self.cpu_requests else None
+
+    @property
+    def sleeps_per_request(self) -> float | None:
+        return self.sleeps / self.sleep_requests if self.sleep_requests else None
 
     def lat(self, p: float | None) -> float:
         return (self.histogram.max_ns if p is None else self.histogram.percentile(p)) / 1000
@@ -141,11 +150,20 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}" if a and b else "-"
 
 
+def round_ratios(c: Cell, peer: Cell) -> str:
+    """The IOPS ratio of each round's runs (run i of both back ends), lowest-highest:
+    how far one round's ratio strays from the table's."""
+    rs = [a.iops / b.iops for a, b in zip(c.runs, peer.runs) if a.iops and b.iops]
+    if len(rs) < 2:
+        return ""
+    return f"{min(rs):.2f}-{max(rs):.2f}"
+
+
 def print_table(cells: dict[tuple[str, str, str], Cell], order: list[tuple[str, str, list[str]]]) -> None:
     hdr = (f"{'storage':<7} {'workload':<18} {'back end':<18} {'IOPS':>9} {'p50':>7} {'p99':>7} "
-           f"{'p99.9':>7} {'p99.99':>7} {'max':>8} {'CPU/req':>8} | {'IOPS':>5} {'p50':>5} {'p99':>5} "
-           f"{'p99.9':>5} {'CPU':>5}")
-    print(f"{'':<98} ratio vdev/qsd")
+           f"{'p99.9':>7} {'p99.99':>7} {'max':>8} {'CPU/req':>8} {'sleeps':>6} | {'IOPS':>5} {'p50':>5} {'p99':>5} "
+           f"{'p99.9':>5} {'CPU':>5} {'IOPS by round':>13}")
+    print(f"{'':<105} ratio vdev/qsd")
     print(hdr)
     print("-" * len(hdr))
     for storage, workload, names in order:
@@ -156,15 +174,18 @@ def print_table(cells: dict[tuple[str, str, str], Cell], order: list[tuple[str, 
                 print(f"{storage:<7} {workload:<18} {name:<18} FAILED: {c.failure}")
                 continue
             line = (f"{storage:<7} {workload:<18} {name:<18} {c.iops:>9.0f} {c.lat(50):>7.1f} {c.lat(99):>7.1f} "
-                    f"{c.lat(99.9):>7.1f} {c.lat(99.99):>7.1f} {c.lat(None):>8.1f} {fmt(c.cpu_us, '.2f'):>8} |")
+                    f"{c.lat(99.9):>7.1f} {c.lat(99.99):>7.1f} {c.lat(None):>8.1f} {fmt(c.cpu_us, '.2f'):>8} "
+                    f"{fmt(c.sleeps_per_request, '.2f'):>6} |")
             if name != "qsd" and peer is not None and peer.requests:
                 line += (f" {ratio(c.iops, peer.iops):>5} {ratio(c.lat(50), peer.lat(50)):>5} "
                          f"{ratio(c.lat(99), peer.lat(99)):>5} {ratio(c.lat(99.9), peer.lat(99.9)):>5} "
-                         f"{ratio(c.cpu_us, peer.cpu_us):>5}")
+                         f"{ratio(c.cpu_us, peer.cpu_us):>5} {round_ratios(c, peer):>13}")
             print(line + (f"  FAILED: {c.failure}" if c.failure else ""))
     print("latencies in µs (avail publish -> used entry seen); CPU/req: the back end's CPU time per "
-          "request, µs.")
-    print("ratios: IOPS > 1 and latency/CPU < 1 mean vdev is better than qemu-storage-daemon.")
+          "request, µs;\nsleeps: the back end's voluntary context switches per request (each one a "
+          "wake-up to pay).")
+    print("ratios: IOPS > 1 and latency/CPU < 1 mean vdev is better than qemu-storage-daemon; "
+          "IOPS by round: the lowest and\nhighest ratio of one round's pair of runs.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,6 +298,7 @@ def write_out(out: str, cells: dict[tuple[str, str, str], Cell], order: list[tup
             doc["cells"].append({  # type: ignore[attr-defined]
                 "storage": storage, "workload": workload, "backend": n, "requests": c.requests,
                 "seconds": c.seconds, "iops": c.iops, "backend_cpu_us_per_request": c.cpu_us,
+                "backend_sleeps_per_request": c.sleeps_per_request,
                 "latency_us": {k: c.lat(p) for k, p in (("p50", 50), ("p99", 99), ("p99.9", 99.9),
                                                         ("p99.99", 99.99), ("max", None))},
                 "failure": c.failure,

@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 
 from vdev._native import ffi, lib
-from vdev.bench.driver import BackEndFault, BlkSession, Job, RunResult
+from vdev.bench.driver import BackEndFault, BlkSession, Job, RunResult, proc_sleeps
 from vdev.cli import main
 from vdev.device import Device, VirtQueue, serve
 from vdev.histogram import LatencyHistogram
@@ -125,6 +125,20 @@ def test_driver_against_vdev_blk_null(short_dir: str, depth: int) -> None:
             _check_clean(r, s)
             q = r.queues[0]
             assert q.reads > 0 and q.writes > 0
+
+
+def test_proc_sleeps_counts_a_thread_going_to_sleep() -> None:
+    # The benchmarks' "sleeps" column: voluntary context switches, every thread summed.
+    before = proc_sleeps(os.getpid())
+    assert before is not None
+    t = threading.Thread(target=time.sleep, args=(0.01,))
+    t.start()
+    t.join()
+    time.sleep(0.01)
+    after = proc_sleeps(os.getpid())
+    assert after is not None and after >= before + 1
+    assert proc_sleeps(None) is None
+    assert proc_sleeps(2**22 + 1) is None        # above pid_max's ceiling: no such process
 
 
 @pytest.mark.skipif(QSD is None, reason="qemu-storage-daemon not installed")

@@ -198,6 +198,29 @@ def proc_cpu_ns(pid: int | None) -> int | None:
     return (int(fields[11]) + int(fields[12])) * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
 
 
+def proc_sleeps(pid: int | None) -> int | None:
+    """Voluntary context switches of process ``pid``, all threads summed: how often
+    it went to sleep waiting for work (a kick, a completion); None if unreadable."""
+    if pid is None:
+        return None
+    total = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError), \
+                    open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        total += int(line.split()[1])
+                        break
+    except OSError:
+        return None
+    return total
+
+
+def _proc_sample(pid: int | None) -> tuple[int | None, int | None]:
+    return proc_cpu_ns(pid), proc_sleeps(pid)
+
+
 # ---- results ------------------------------------------------------------------------------
 
 
@@ -264,6 +287,7 @@ class RunResult:
     interval: float
     backend_cpu_ns: int | None = None    # back end's CPU over [cpu_t0, cpu_t1]
     backend_cpu_seconds: float = 0.0
+    backend_sleeps: int | None = None    # back end's voluntary context switches, same span
     fault: BaseException | None = None
     interrupted: bool = False
     ring_bases: dict[int, tuple[int, int]] = field(default_factory=dict)   # queue -> (ours, theirs)
@@ -307,6 +331,14 @@ class RunResult:
         if self.backend_cpu_ns is None or not self.backend_cpu_seconds or not self.iops:
             return None
         return self.backend_cpu_ns / (self.iops * self.backend_cpu_seconds) / 1000
+
+    @property
+    def backend_sleeps_per_request(self) -> float | None:
+        """How often the back end slept (voluntary context switches) per request, over
+        the span its CPU was sampled: a back end that sleeps less pays fewer wake-ups."""
+        if self.backend_sleeps is None or not self.backend_cpu_seconds or not self.iops:
+            return None
+        return self.backend_sleeps / (self.iops * self.backend_cpu_seconds)
 
 
 # ---- the session ------------------------------------------------------------------------
@@ -568,8 +600,8 @@ class BlkSession:
         cnt_buf = ffi.new("uint64_t[]", lib.VD_HIST_BUCKETS)
         intervals: list[Interval] = []
         result = RunResult([], 0.0, intervals, interval)
-        cpu_start: tuple[int, int | None] | None = None
-        cpu_end: tuple[int, int | None] | None = None
+        cpu_start: tuple[int, tuple[int | None, int | None]] | None = None
+        cpu_end: tuple[int, tuple[int | None, int | None]] | None = None
         last_sample = t_measure
         interrupted = False
 
@@ -607,11 +639,11 @@ class BlkSession:
                     time.sleep(min((next_tick - now) / 1e9, 0.05))
                     continue
                 if cpu_start is None:
-                    cpu_start = (now, proc_cpu_ns(backend_pid))
+                    cpu_start = (now, _proc_sample(backend_pid))
                 elif now <= t_stop + step:
                     sample(now)
                     if now >= t_stop and cpu_end is None:
-                        cpu_end = (now, proc_cpu_ns(backend_pid))
+                        cpu_end = (now, _proc_sample(backend_pid))
                 next_tick += step
                 if on_tick is not None and now >= next_report and now < t_stop:
                     next_report += 1_000_000_000
@@ -631,7 +663,7 @@ class BlkSession:
                             lib.vd_drv_stop(q)
         end_now = time.monotonic_ns()
         if cpu_start is not None and cpu_end is None:
-            cpu_end = (end_now, proc_cpu_ns(backend_pid))
+            cpu_end = (end_now, _proc_sample(backend_pid))
         sample(end_now)
 
         window_end = t_measure
@@ -647,9 +679,13 @@ class BlkSession:
                 secs, LatencyHistogram.snapshot(ffi.addressof(q[0], "hist"))))
         result.seconds = (window_end - t_measure) / 1e9
         result.interrupted = interrupted
-        if cpu_start and cpu_end and cpu_start[1] is not None and cpu_end[1] is not None:
-            result.backend_cpu_ns = cpu_end[1] - cpu_start[1]
-            result.backend_cpu_seconds = (min(cpu_end[0], window_end) - cpu_start[0]) / 1e9
+        if cpu_start and cpu_end:
+            (c0, s0), (c1, s1) = cpu_start[1], cpu_end[1]
+            if c0 is not None and c1 is not None:
+                result.backend_cpu_ns = c1 - c0
+                result.backend_cpu_seconds = (min(cpu_end[0], window_end) - cpu_start[0]) / 1e9
+                if s0 is not None and s1 is not None:
+                    result.backend_sleeps = s1 - s0
         for i, job, q, _keep in queues:
             try:
                 _raise_for(rcs.get(i, lib.VD_DRV_OK), q, job.bs)
