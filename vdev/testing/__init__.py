@@ -285,14 +285,31 @@ class DriverQueue:
             descs = [self.free_desc.pop()]
             self.write_desc(descs[0], table, DESC_SIZE * len(bufs), VIRTQ_DESC_F_INDIRECT)
         else:
-            descs = [self.free_desc.pop() for _ in bufs]
-            for j, ((addr, n, w), i) in enumerate(zip(bufs, descs)):
-                last = j + 1 == len(bufs)
-                flags = (VIRTQ_DESC_F_WRITE if w else 0) | (0 if last else VIRTQ_DESC_F_NEXT)
-                self.write_desc(i, addr, n, flags, 0 if last else descs[j + 1])
+            descs = self._link(bufs)
         self.chains[descs[0]] = (descs, bufs, table)
         self.publish(descs[0])
         return descs[0]
+
+    def add_chain_at(self, buffers: Sequence[tuple[int, int, bool]]) -> int:
+        """Post a chain of buffers the caller placed, each ``(gpa, length, writable)``
+        (readable ones first), e.g. one across the boundary of two adjacent
+        regions; returns its head.  The memory stays the caller's: `reap`
+        frees none of it and reports nothing written (read it with ``mem.read``)."""
+        if len(buffers) > len(self.free_desc):
+            raise MemoryError(f"no free descriptors: need {len(buffers)}, {len(self.free_desc)} free")
+        descs = self._link(buffers)
+        self.chains[descs[0]] = (descs, [], None)
+        self.publish(descs[0])
+        return descs[0]
+
+    def _link(self, bufs: Sequence[tuple[int, int, bool]]) -> list[int]:
+        """Free descriptors for ``bufs``, written and chained; returns them, head first."""
+        descs = [self.free_desc.pop() for _ in bufs]
+        for j, ((addr, n, w), i) in enumerate(zip(bufs, descs)):
+            last = j + 1 == len(bufs)
+            flags = (VIRTQ_DESC_F_WRITE if w else 0) | (0 if last else VIRTQ_DESC_F_NEXT)
+            self.write_desc(i, addr, n, flags, 0 if last else descs[j + 1])
+        return descs
 
     def reap(self) -> list[Used]:
         """Every new used entry, with what the device wrote; frees their buffers."""
