@@ -14,6 +14,9 @@
   connected `VirtioFrontend`: the whole stack, no QEMU.
 * `check_queue(factory)` — the conformance suite every split-virtqueue
   implementation (the C ring included) must pass against the Python reference.
+* `DaemonProcess` — ``python -m vdev <device> …`` as its own process, as an
+  operator runs it: started, waited for until its sockets exist, its output
+  kept, stopped with SIGTERM (`stop_process` is that stop alone).
 
 The QEMU guest harness lives in `vdev.testing.guest`.
 """
@@ -23,9 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import struct
-import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -49,22 +50,11 @@ from ..uapi.virtio import (
     VirtioFeature,
 )
 from .conformance import check_queue
+from .daemon import DaemonProcess, DaemonStartError, stop_process
 
-__all__ = ["Buffer", "DriverQueue", "check_queue", "FakeGuestMemory", "MemfdGuestMemory", "Used",
-           "VirtioFrontend", "device_pair", "stop_process"]
+__all__ = ["Buffer", "DaemonProcess", "DaemonStartError", "DriverQueue", "check_queue", "FakeGuestMemory",
+           "MemfdGuestMemory", "Used", "VirtioFrontend", "device_pair", "stop_process"]
 
-
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
-    """Stop a daemon a test started as an operator would: SIGTERM, then SIGKILL
-    after ``timeout`` seconds; its exit status (negative: the signal that ended it)."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
 
 _DESC = struct.Struct("<QIHH")
 _USED = struct.Struct("<II")
