@@ -266,6 +266,48 @@ async def test_seg_max_segments_in_an_indirect_table_longer_than_the_queue(opene
         assert used.written[:-1] == data
 
 
+async def test_data_buffer_across_adjacent_regions() -> None:
+    """A data buffer may run from one memory region into the next (adjacent
+    regions, as hot-plugged memory gives): it is two pieces of host memory.
+    Seven one-sector buffers come first, so the crossing buffer's second
+    piece is the ninth: the native engine's inline iovec array (8) fills
+    inside that buffer, and mapping goes on there once the array has grown."""
+    boundary = 1 * MiB
+    async with device_pair(BlkDevice(MemoryStorage(DISK)),
+                           regions=[(0, boundary), (boundary, 64 * 1024)]) as vm:
+        q = vm.queues[0]
+        data = pattern(9 * SECTOR, 3)
+        across = boundary - SECTOR                  # two sectors: one in each region
+
+        def chain(rtype: int) -> tuple[list[tuple[int, int, bool]], list[int], int]:
+            hdr, st = q.alloc.alloc(16), q.alloc.alloc(16)
+            vm.mem.write(hdr, struct.pack("<IIQ", rtype, 0, 8))
+            vm.mem.write(st, bytes([POISON]))
+            sectors = [q.alloc.alloc(SECTOR) for _ in range(7)]
+            w = rtype == T_IN
+            return ([(hdr, 16, False), *[(a, SECTOR, w) for a in sectors], (across, 2 * SECTOR, w),
+                     (st, 1, True)], sectors, st)
+
+        bufs, sectors, st = chain(T_OUT)
+        for k, a in enumerate(sectors):
+            vm.mem.write(a, data[k * SECTOR:(k + 1) * SECTOR])
+        vm.mem.write(across, data[7 * SECTOR:])
+        q.add_chain_at(bufs)
+        vm.kick(0)
+        (used,) = await vm.wait_used(0, 1)
+        assert (used.length, vm.mem.read(st, 1)) == (1, bytes([S_OK]))
+        assert await read_ok(vm, 8, len(data)) == data          # on the disk in order
+
+        bufs, sectors, st = chain(T_IN)
+        vm.mem.write(across, bytes([POISON]) * 2 * SECTOR)
+        q.add_chain_at(bufs)
+        vm.kick(0)
+        (used,) = await vm.wait_used(0, 1)
+        assert (used.length, vm.mem.read(st, 1)) == (len(data) + 1, bytes([S_OK]))
+        got = b"".join(vm.mem.read(a, SECTOR) for a in sectors) + vm.mem.read(across, 2 * SECTOR)
+        assert got == data
+
+
 @all_storages
 async def test_flush(opened: Storage) -> None:
     async with device_pair(BlkDevice(opened)) as vm:

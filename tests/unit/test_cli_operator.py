@@ -33,7 +33,7 @@ from backends.blk.storage import open_storage
 from vdev.cli import build_parser, load_commands, main, progress_line
 from vdev.errors import GuestError
 from vdev.memory import RegionTable
-from vdev.testing import Buffer, VirtioFrontend, stop_process
+from vdev.testing import Buffer, DaemonProcess, VirtioFrontend
 from vhost_user.frontend import Frontend
 
 REPO = Path(__file__).resolve().parents[2]
@@ -64,36 +64,20 @@ def help_of(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     return capsys.readouterr().out
 
 
-class Daemon:
-    """`vdev blk` as its own process (cwd chosen), with a control socket."""
-
-    def __init__(self, args: list[str], *, cwd: str, wait_for: str, env: dict[str, str] | None = None,
-                 launcher: list[str] | None = None) -> None:
-        self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([*(launcher or []), sys.executable, "-m", "vdev", *args], cwd=cwd,
-                                     stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
-        deadline = time.monotonic() + 15
-        while not os.path.exists(wait_for):
-            assert self.proc.poll() is None, self.output()
-            assert time.monotonic() < deadline, self.output()
-            time.sleep(0.02)
-
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read().decode(errors="replace")
-
-    def stop(self) -> int:
-        return stop_process(self.proc, 15)
+def start_daemon(args: list[str], *, cwd: str, wait_for: str) -> DaemonProcess:
+    """`vdev <args>` as its own process in ``cwd`` (this checkout on its
+    PYTHONPATH, whatever the directory), ready once ``wait_for`` exists."""
+    return DaemonProcess(*args, wait_for=[wait_for], cwd=cwd, env={"PYTHONPATH": str(REPO)},
+                         stop_timeout=15).start()
 
 
 @pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    started: list[Daemon] = []
+def daemons() -> Iterator[list[DaemonProcess]]:
+    started: list[DaemonProcess] = []
     yield started
     for d in started:
         rc = d.stop()
-        assert rc == 0, d.output()
+        assert rc == 0, d.log()
 
 
 def _header(rtype: int, sector: int) -> Buffer:
@@ -229,7 +213,7 @@ def test_blk_file_errors_are_one_line(extra: list[str], needle: str, short_dir: 
 
 # ---- vdev ctl ----------------------------------------------------------------------------------
 
-def test_ctl_swap_resolves_a_relative_path_on_the_callers_side(short_dir: str, daemons: list[Daemon],
+def test_ctl_swap_resolves_a_relative_path_on_the_callers_side(short_dir: str, daemons: list[DaemonProcess],
                                                                capsys: pytest.CaptureFixture[str],
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     daemon_dir, my_dir = os.path.join(short_dir, "daemon"), os.path.join(short_dir, "me")
@@ -238,7 +222,7 @@ def test_ctl_swap_resolves_a_relative_path_on_the_callers_side(short_dir: str, d
     with open(os.path.join(my_dir, "disk.img"), "wb") as f:
         f.truncate(MiB)
     ctl = os.path.join(short_dir, "blk.ctl")
-    daemons.append(Daemon(["blk", "--socket", os.path.join(short_dir, "blk.sock"), "--backend", "mem:1M",
+    daemons.append(start_daemon(["blk", "--socket", os.path.join(short_dir, "blk.sock"), "--backend", "mem:1M",
                            "--control", ctl], cwd=daemon_dir, wait_for=ctl))
     monkeypatch.chdir(my_dir)
     assert run(["ctl", ctl, "swap", "backend=disk.img"]) == 0
@@ -248,10 +232,10 @@ def test_ctl_swap_resolves_a_relative_path_on_the_callers_side(short_dir: str, d
     assert "read-only storage 'file:" + os.path.join(my_dir, "disk.img") in capsys.readouterr().out
 
 
-def test_ctl_unknown_key_is_refused_naming_it(short_dir: str, daemons: list[Daemon],
+def test_ctl_unknown_key_is_refused_naming_it(short_dir: str, daemons: list[DaemonProcess],
                                               capsys: pytest.CaptureFixture[str]) -> None:
     ctl = os.path.join(short_dir, "blk.ctl")
-    daemons.append(Daemon(["blk", "--socket", os.path.join(short_dir, "blk.sock"), "--backend", "mem:1M",
+    daemons.append(start_daemon(["blk", "--socket", os.path.join(short_dir, "blk.sock"), "--backend", "mem:1M",
                            "--control", ctl], cwd=short_dir, wait_for=ctl))
     assert run(["ctl", ctl, "swap", "backend=mem:1G", "queues=4"]) == 1
     reply = json.loads(capsys.readouterr().out)
@@ -276,19 +260,19 @@ def test_progress_line() -> None:
     assert "dirty 12.0 MiB" in line and "200.0 MiB/s" in line and "copying" in line
 
 
-def _start_mirror_daemon(short_dir: str, daemons: list[Daemon]) -> tuple[str, str]:
+def _start_mirror_daemon(short_dir: str, daemons: list[DaemonProcess]) -> tuple[str, str]:
     src, dst = os.path.join(short_dir, "src.img"), os.path.join(short_dir, "dst.img")
     with open(src, "wb") as f:
         f.write(os.urandom(8 * MiB))
     with open(dst, "wb") as f:
         f.truncate(8 * MiB)
     ctl = os.path.join(short_dir, "blk.ctl")
-    daemons.append(Daemon(["blk", "--socket", os.path.join(short_dir, "blk.sock"), "--backend", f"file:{src}",
+    daemons.append(start_daemon(["blk", "--socket", os.path.join(short_dir, "blk.sock"), "--backend", f"file:{src}",
                            "--control", ctl], cwd=short_dir, wait_for=ctl))
     return ctl, dst
 
 
-def test_ctl_mirror_wait_without_a_terminal_prints_only_the_result(short_dir: str, daemons: list[Daemon]
+def test_ctl_mirror_wait_without_a_terminal_prints_only_the_result(short_dir: str, daemons: list[DaemonProcess]
                                                                     ) -> None:
     ctl, dst = _start_mirror_daemon(short_dir, daemons)
     r = subprocess.run([sys.executable, "-m", "vdev", "ctl", ctl, "mirror", "target=dst.img", "rate=16M",
@@ -332,7 +316,7 @@ def _run_on_a_terminal(argv: list[str], cwd: str, timeout: float = 60) -> tuple[
     return rc, b"".join(chunks).decode(errors="replace")
 
 
-def test_ctl_mirror_wait_on_a_terminal_shows_a_progress_bar(short_dir: str, daemons: list[Daemon]) -> None:
+def test_ctl_mirror_wait_on_a_terminal_shows_a_progress_bar(short_dir: str, daemons: list[DaemonProcess]) -> None:
     ctl, dst = _start_mirror_daemon(short_dir, daemons)
     rc, out = _run_on_a_terminal([sys.executable, "-m", "vdev", "ctl", ctl, "mirror", f"target={dst}",
                                   "rate=8M", "--wait"], cwd=short_dir)
@@ -341,7 +325,7 @@ def test_ctl_mirror_wait_on_a_terminal_shows_a_progress_bar(short_dir: str, daem
     assert '"phase": "done"' in out
 
 
-def test_ctl_mirror_wait_exits_1_when_the_job_is_cancelled(short_dir: str, daemons: list[Daemon]) -> None:
+def test_ctl_mirror_wait_exits_1_when_the_job_is_cancelled(short_dir: str, daemons: list[DaemonProcess]) -> None:
     ctl, dst = _start_mirror_daemon(short_dir, daemons)
     waiting = subprocess.Popen([sys.executable, "-m", "vdev", "ctl", ctl, "mirror", f"target={dst}",
                                 "rate=2M", "--wait"], cwd=short_dir, stdout=subprocess.PIPE,
@@ -371,11 +355,11 @@ def test_unmapped_ring_address_names_shared_memory() -> None:
     assert "the table has 0 regions" in str(exc.value) and "memory-backend-memfd" in str(exc.value)
 
 
-async def test_queue_count_mismatch_is_logged_by_the_daemon(short_dir: str, daemons: list[Daemon]) -> None:
+async def test_queue_count_mismatch_is_logged_by_the_daemon(short_dir: str, daemons: list[DaemonProcess]) -> None:
     # QEMU with num-queues above what a back end offers asks GET_QUEUE_NUM
     # and leaves at once (the conversation replayed here; tests/qemu has QEMU).
     sock = os.path.join(short_dir, "blk.sock")
-    d = Daemon(["blk", "--socket", sock, "--backend", "mem:1M", "--queues", "2"], cwd=short_dir,
+    d = start_daemon(["blk", "--socket", sock, "--backend", "mem:1M", "--queues", "2"], cwd=short_dir,
                wait_for=sock)
     daemons.append(d)
     fe = await Frontend.connect(sock)
@@ -386,29 +370,29 @@ async def test_queue_count_mismatch_is_logged_by_the_daemon(short_dir: str, daem
     finally:
         await fe.close()
     deadline = time.monotonic() + 10
-    while "probably wants more queues" not in d.output():
-        assert time.monotonic() < deadline, d.output()
+    while "probably wants more queues" not in d.log():
+        assert time.monotonic() < deadline, d.log()
         await asyncio.sleep(0.05)
-    log = d.output()
+    log = d.log()
     assert "front-end asked for the queue count: 2 offered" in log
     assert "right after asking for the queue count, which was 2" in log and "--queues N" in log
 
 
-async def test_driver_ok_logs_queues_started_of_offered(short_dir: str, daemons: list[Daemon]) -> None:
+async def test_driver_ok_logs_queues_started_of_offered(short_dir: str, daemons: list[DaemonProcess]) -> None:
     sock = os.path.join(short_dir, "blk.sock")
-    d = Daemon(["blk", "--socket", sock, "--backend", "mem:1M", "--queues", "4"], cwd=short_dir,
+    d = start_daemon(["blk", "--socket", sock, "--backend", "mem:1M", "--queues", "4"], cwd=short_dir,
                wait_for=sock)
     daemons.append(d)
     vm = await VirtioFrontend.start(sock, num_queues=2, timeout=15)
     try:
         await vm.fe.set_status(0xF)     # ACKNOWLEDGE | DRIVER | DRIVER_OK | FEATURES_OK
         deadline = time.monotonic() + 10
-        while "DRIVER_OK" not in d.output():
-            assert time.monotonic() < deadline, d.output()
+        while "DRIVER_OK" not in d.log():
+            assert time.monotonic() < deadline, d.log()
             await asyncio.sleep(0.05)
     finally:
         await vm.close()
-    assert "front-end set DRIVER_OK with 2 of the 4 queues offered started (0, 1)" in d.output()
+    assert "front-end set DRIVER_OK with 2 of the 4 queues offered started (0, 1)" in d.log()
 
 
 # ---- systemd: socket activation through --fd, and the units -----------------------------------------

@@ -23,7 +23,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -38,7 +37,7 @@ from vdev.cli import main
 from vdev.control import control_request
 from vdev.histogram import LatencyHistogram
 from vdev.metrics import window_histogram
-from vdev.testing import Buffer, device_pair, stop_process
+from vdev.testing import Buffer, DaemonProcess, device_pair
 
 
 @pytest.fixture
@@ -50,35 +49,21 @@ def short_dir() -> Iterator[str]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-class Daemon:
+class Daemon(DaemonProcess):
+    """``vdev blk`` with its vhost-user and control sockets in ``short_dir``."""
+
     def __init__(self, short_dir: str, *extra: str) -> None:
         self.sock = os.path.join(short_dir, "blk.sock")
         self.ctl = os.path.join(short_dir, "blk.ctl")
-        self.log = os.path.join(short_dir, "blk.log")
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "vdev", "blk", "--socket", self.sock, "--control", self.ctl,
-                 "--log-level", "warning", *extra], stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 15
-        while not (os.path.exists(self.sock) and os.path.exists(self.ctl)):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                with open(self.log) as f:
-                    pytest.fail(f"vdev blk did not start: {f.read()}")
-            time.sleep(0.02)
-
-    def stop(self) -> int:
-        return stop_process(self.proc)
+        super().__init__("blk", "--socket", self.sock, "--control", self.ctl, "--log-level", "warning",
+                         *extra, wait_for=[self.sock, self.ctl], log=os.path.join(short_dir, "blk.log"))
 
 
 @pytest.fixture
 def daemon(short_dir: str, request: pytest.FixtureRequest) -> Iterator[Daemon]:
-    d = Daemon(short_dir, "--backend", "mem:64M", "--queues", "2", "--dataplane", request.param)
-    try:
+    # leaving the block stops it; it must exit 0
+    with Daemon(short_dir, "--backend", "mem:64M", "--queues", "2", "--dataplane", request.param) as d:
         yield d
-    finally:
-        assert d.stop() == 0
 
 
 def run_io(sock: str, jobs: list[Job | None], seconds: float) -> dict[int, int]:

@@ -13,15 +13,12 @@ in one line, a port in use exits 1 before the vhost-user socket exists.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import re
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from collections.abc import Iterator
 
@@ -39,7 +36,7 @@ from vdev.metrics import (
     parse_hostport,
     prometheus_buckets,
 )
-from vdev.testing import stop_process
+from vdev.testing import DaemonProcess
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -53,32 +50,22 @@ def short_dir() -> Iterator[str]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-class Daemon:
-    """``vdev blk … --metrics 127.0.0.1:0``; learns the port from the log line."""
+class Daemon(DaemonProcess):
+    """``vdev blk … --metrics 127.0.0.1:0``; learns the port from the log line.
+    Leaving its ``with`` block stops it, and it must exit 0."""
 
     def __init__(self, short_dir: str, *extra: str) -> None:
         self.sock = os.path.join(short_dir, "blk.sock")
         self.ctl = os.path.join(short_dir, "blk.ctl")
-        self.log = os.path.join(short_dir, "blk.log")
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "vdev", "blk", "--socket", self.sock, "--control", self.ctl,
-                 "--metrics", "127.0.0.1:0", "--log-level", "info", *extra],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 15
-        self.port = 0
-        while not (self.port and os.path.exists(self.sock)):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                pytest.fail(f"vdev blk did not start: {self.text()}")
-            m = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", self.text())
-            if m:
-                self.port = int(m.group(1))
-            time.sleep(0.02)
+        super().__init__("blk", "--socket", self.sock, "--control", self.ctl, "--metrics", "127.0.0.1:0",
+                         "--log-level", "info", *extra, wait_for=[self.sock],
+                         wait_log=r"metrics on http://127\.0\.0\.1:(\d+)/metrics",
+                         log=os.path.join(short_dir, "blk.log"))
 
-    def text(self) -> str:
-        with open(self.log, errors="replace") as f:
-            return f.read()
+    @property
+    def port(self) -> int:
+        assert self.match is not None, "not started"
+        return int(self.match.group(1))
 
     def scrape(self) -> Samples:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as r:
@@ -89,18 +76,6 @@ class Daemon:
             for s in family.samples:
                 out[(s.name, tuple(sorted(s.labels.items())))] = s.value
         return out
-
-    def stop(self) -> int:
-        return stop_process(self.proc)
-
-
-@contextlib.contextmanager
-def vdev_blk(short_dir: str, *extra: str) -> Iterator[Daemon]:
-    d = Daemon(short_dir, *extra)
-    try:
-        yield d
-    finally:
-        assert d.stop() == 0, d.text()
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
@@ -155,7 +130,7 @@ def check_histogram(samples: Samples, queue: str, count: int) -> None:
 
 @pytest.mark.parametrize("dataplane", ["native", "python"])
 def test_endpoint_counters_move_with_io_and_survive_a_reconnect(short_dir: str, dataplane: str) -> None:
-    with vdev_blk(short_dir, "--backend", "mem:64M", "--queues", "2", "--dataplane", dataplane) as d:
+    with Daemon(short_dir, "--backend", "mem:64M", "--queues", "2", "--dataplane", dataplane) as d:
         before = d.scrape()
         assert value(before, "vdev_info", device="blk", version="0.1.0") == 1
         assert value(before, "vdev_blk_requests_total", queue="0", type="IN") == 0
@@ -175,7 +150,7 @@ def test_endpoint_counters_move_with_io_and_survive_a_reconnect(short_dir: str, 
 def test_a_scraper_that_never_finishes_holds_nothing(short_dir: str) -> None:
     # The Python path serves I/O on the event loop: if the endpoint were
     # served there, a stuck scraper would stop the I/O and the control socket.
-    with vdev_blk(short_dir, "--backend", "null:1G", "--queues", "2", "--dataplane", "python") as d:
+    with Daemon(short_dir, "--backend", "null:1G", "--queues", "2", "--dataplane", "python") as d:
         stuck = [socket.create_connection(("127.0.0.1", d.port)) for _ in range(3)]
         try:
             for s in stuck:

@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
 from backends.net.testing import NetHdr, can_use_tap, eth_frame
-from vdev.testing import Buffer, VirtioFrontend
+from vdev.testing import Buffer, DaemonProcess, VirtioFrontend
 
 RX, TX = 0, 1
 
@@ -77,37 +74,12 @@ def test_system_refusals_exit_1_with_one_line_before_any_socket(short_dir: str, 
     assert not os.path.exists(sock)
 
 
-class Daemon:
+class Daemon(DaemonProcess):
+    """``vdev net --socket <sock> <args>``, its output in ``log`` (appended to on a restart)."""
+
     def __init__(self, args: list[str], sock: str, log: str) -> None:
-        self.args, self.sock, self.log = args, sock, log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Daemon:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.sock)
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "vdev", "net", "--socket", self.sock,
-                                          *self.args], stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 15
-        while not os.path.exists(self.sock):
-            assert self.proc.poll() is None, self.text()
-            assert time.monotonic() < deadline, "daemon did not listen"
-            time.sleep(0.02)
-        return self
-
-    def text(self) -> str:
-        with open(self.log, errors="replace") as f:
-            return f.read()
-
-    def stop(self) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            return -9
+        self.sock = sock
+        super().__init__("net", "--socket", sock, *args, wait_for=[sock], log=log)
 
 
 async def wait_link(vm: VirtioFrontend, up: bool, timeout: float = 15) -> None:
@@ -156,6 +128,7 @@ async def test_cable_between_two_daemons_survives_a_restart(short_dir: str) -> N
                                                                   0x88B5, b"into the void"))])
         await vma.wait_used(TX, 1)
 
+        assert not os.path.exists(b.sock)        # removed on exit: the restart waits for a new one
         b.start()
         vmb = await VirtioFrontend.start(b.sock)
         await wait_link(vma, True)
@@ -171,9 +144,9 @@ async def test_cable_between_two_daemons_survives_a_restart(short_dir: str) -> N
         for vm in (vma, vmb):
             if vm is not None:
                 await vm.close()
-        assert a.stop() == 0, a.text()
+        assert a.stop() == 0, a.log()
         if b.proc is not None and b.proc.poll() is None:
-            assert b.stop() == 0, b.text()
+            assert b.stop() == 0, b.log()
 
 
 def test_loading_every_device_command_leaves_pyroute2_unimported() -> None:

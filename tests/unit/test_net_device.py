@@ -120,6 +120,33 @@ async def test_loopback_frame_round_trip(mrg: bool) -> None:
         assert (q["frames"], q["buffers"], q["dropped"]) == (1, need, 0)
 
 
+async def test_buffers_across_adjacent_regions() -> None:
+    """A transmit buffer and a receive buffer may each run from one memory
+    region into the next (adjacent regions, as hot-plugged memory gives):
+    each is two pieces of host memory, and the frame crosses intact."""
+    first, second = 1 << 20, (1 << 20) + (64 << 10)         # the two region boundaries
+    dev = NetDevice(LoopbackLink(), mac=MAC_A)
+    try:
+        async with device_pair(dev, regions=[(0, first), (first, 64 << 10), (second, 64 << 10)]) as vm:
+            frame = frame_of(bytes(range(256)) * 4)
+            data = NetHdr().pack() + frame
+            tx_at, rx_at = first - len(data) // 2, second - 300
+            vm.mem.write(rx_at, bytes([0xAA]) * 2048)
+            vm.queues[RX].add_chain_at([(rx_at, 2048, True)])
+            vm.kick(RX)
+            vm.mem.write(tx_at, data)
+            vm.queues[TX].add_chain_at([(tx_at, len(data), False)])
+            vm.kick(TX)
+            (tx_used,) = await vm.wait_used(TX, 1)
+            (rx_used,) = await vm.wait_used(RX, 1)
+            assert (tx_used.length, rx_used.length) == (0, len(data))
+            assert NetHdr.unpack(vm.mem.read(rx_at, 12)).num_buffers == 1
+            assert vm.mem.read(rx_at + 12, len(frame) + 1) == frame + b"\xaa"
+            assert dev.queue_stats()[RX]["frames"] == 1
+    finally:
+        await dev.aclose()
+
+
 async def test_no_rx_buffer_waits_and_is_not_lost() -> None:
     """With no receive buffer a frame waits, counted once, and takes nothing
     from either ring; once a buffer is posted it arrives."""

@@ -22,7 +22,6 @@ import mmap
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,7 @@ from backends.net.device import LoopbackLink, NetDevice
 from backends.net.testing import NetHdr, eth_frame
 from vdev.device import serve
 from vdev.memory import MappedRegion, RegionTable
-from vdev.testing import Buffer, DriverQueue
+from vdev.testing import Buffer, DaemonProcess, DriverQueue
 from vhost_user.frontend import Frontend
 from vhost_user.messages import MemoryRegion, VringAddr
 
@@ -85,24 +84,11 @@ def short_dir() -> Iterator[str]:
 
 @contextlib.contextmanager
 def loopback_daemon(d: str) -> Iterator[tuple[str, str]]:
-    sock, ctl, log = os.path.join(d, "net.sock"), os.path.join(d, "net.ctl"), os.path.join(d, "net.log")
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "vdev", "net", "--socket", sock, "--loopback",
-                                 "--control", ctl], stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 15
-        while not os.path.exists(sock):
-            assert proc.poll() is None and time.monotonic() < deadline, Path(log).read_text()
-            time.sleep(0.02)
+    """``vdev net --loopback`` serving; it must exit 0 when the block ends."""
+    sock, ctl = os.path.join(d, "net.sock"), os.path.join(d, "net.ctl")
+    with DaemonProcess("net", "--socket", sock, "--loopback", "--control", ctl, wait_for=[sock],
+                       log=os.path.join(d, "net.log")):
         yield sock, ctl
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            rc = proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            rc = proc.wait()
-        assert rc == 0, Path(log).read_text()
 
 
 def run_testpmd(sock: str, mode: str, seconds: float, *, tx_first: bool = False,

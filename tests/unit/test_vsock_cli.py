@@ -14,14 +14,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
 from backends.vsock.testing import VsockGuest, attach_guest
 from vdev.cli import main
-from vdev.testing import VirtioFrontend, stop_process
+from vdev.testing import DaemonProcess, VirtioFrontend
 
 
 @pytest.fixture
@@ -83,41 +82,21 @@ def test_a_bad_value_is_one_line_naming_it_and_exit_2_before_any_socket(
 
 # -- the daemon as users run it -------------------------------------------------------------------------
 
-class Daemon:
+class Daemon(DaemonProcess):
+    """``vdev vsock --socket <dir>/<name>.vhost <args>``, output in ``log`` (default
+    <dir>/<name>.log); ``wait=False``: do not wait for the socket (it should fail)."""
+
     def __init__(self, short_dir: str, name: str, *args: str, env: dict[str, str] | None = None,
-                 nofile: int | None = None) -> None:
+                 nofile: int | None = None, log: str | None = None, wait: bool = True) -> None:
         self.sock = os.path.join(short_dir, f"{name}.vhost")
-        self.log_path = os.path.join(short_dir, f"{name}.log")
-        self.args = ["vsock", "--socket", self.sock, *args]
-        self.env = {**os.environ, **(env or {})}
-        self.nofile = nofile
-        self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, wait: bool = True) -> Daemon:
-        limit = self.nofile
+        def limit_files() -> None:
+            assert nofile is not None
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
-        def preexec() -> None:
-            if limit is not None:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
-
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "vdev", *self.args], stdout=log,
-                                         stderr=subprocess.STDOUT, env=self.env,
-                                         preexec_fn=preexec)  # noqa: PLW1509 (no threads here)
-        deadline = time.monotonic() + 15
-        while wait and not os.path.exists(self.sock):
-            assert self.proc.poll() is None, self.log()
-            assert time.monotonic() < deadline, self.log()
-            time.sleep(0.02)
-        return self
-
-    def log(self) -> str:
-        with open(self.log_path, errors="replace") as f:
-            return f.read()
-
-    def stop(self) -> int:
-        assert self.proc is not None
-        return stop_process(self.proc)
+        super().__init__("vsock", "--socket", self.sock, *args, wait_for=[self.sock] if wait else [],
+                         log=log or os.path.join(short_dir, f"{name}.log"), env=env,
+                         preexec_fn=None if nofile is None else limit_files)
 
 
 @contextlib.asynccontextmanager
@@ -172,7 +151,7 @@ async def test_two_daemons_in_one_group_carry_data_between_their_guests(short_di
             assert info["stats"]["sibling_connects_out"] == 1 and info["errors"]["connect_failed"] == 1
         # A third device claiming CID 3 in the group: one line, exit 1.
         c = Daemon(short_dir, "c", "--guest-cid", "3", "--uds-path", os.path.join(short_dir, "c.sock"),
-                   "--group", "lab", env=env).start(wait=False)
+                   "--group", "lab", env=env, wait=False).start()
         try:
             assert c.proc is not None and c.proc.wait(15) == 1
         finally:
@@ -190,8 +169,9 @@ async def test_guest_connections_are_reset_when_the_daemon_restarts_and_the_vmm_
         short_dir: str) -> None:
     uds = os.path.join(short_dir, "v.sock")
     args = ("--guest-cid", "3", "--uds-path", uds)
-    first = Daemon(short_dir, "d", *args).start()
-    second = Daemon(short_dir, "d", *args)
+    # One vhost-user socket path (the VMM reconnects to it), an output file each.
+    first = Daemon(short_dir, "d", *args, log=os.path.join(short_dir, "first.log")).start()
+    second = Daemon(short_dir, "d", *args, log=os.path.join(short_dir, "second.log"))
     try:
         async with guest_of(first, 3, events=1) as guest:
             accepted = guest.listen(1234)

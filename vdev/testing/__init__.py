@@ -14,6 +14,9 @@
   connected `VirtioFrontend`: the whole stack, no QEMU.
 * `check_queue(factory)` — the conformance suite every split-virtqueue
   implementation (the C ring included) must pass against the Python reference.
+* `DaemonProcess` — ``python -m vdev <device> …`` as its own process, as an
+  operator runs it: started, waited for until its sockets exist, its output
+  kept, stopped with SIGTERM (`stop_process` is that stop alone).
 
 The QEMU guest harness lives in `vdev.testing.guest`.
 """
@@ -23,9 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import struct
-import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -49,22 +50,11 @@ from ..uapi.virtio import (
     VirtioFeature,
 )
 from .conformance import check_queue
+from .daemon import DaemonProcess, DaemonStartError, stop_process
 
-__all__ = ["Buffer", "DriverQueue", "check_queue", "FakeGuestMemory", "MemfdGuestMemory", "Used",
-           "VirtioFrontend", "device_pair", "stop_process"]
+__all__ = ["Buffer", "DaemonProcess", "DaemonStartError", "DriverQueue", "check_queue", "FakeGuestMemory",
+           "MemfdGuestMemory", "Used", "VirtioFrontend", "device_pair", "stop_process"]
 
-
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
-    """Stop a daemon a test started as an operator would: SIGTERM, then SIGKILL
-    after ``timeout`` seconds; its exit status (negative: the signal that ended it)."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
 
 _DESC = struct.Struct("<QIHH")
 _USED = struct.Struct("<II")
@@ -285,14 +275,31 @@ class DriverQueue:
             descs = [self.free_desc.pop()]
             self.write_desc(descs[0], table, DESC_SIZE * len(bufs), VIRTQ_DESC_F_INDIRECT)
         else:
-            descs = [self.free_desc.pop() for _ in bufs]
-            for j, ((addr, n, w), i) in enumerate(zip(bufs, descs)):
-                last = j + 1 == len(bufs)
-                flags = (VIRTQ_DESC_F_WRITE if w else 0) | (0 if last else VIRTQ_DESC_F_NEXT)
-                self.write_desc(i, addr, n, flags, 0 if last else descs[j + 1])
+            descs = self._link(bufs)
         self.chains[descs[0]] = (descs, bufs, table)
         self.publish(descs[0])
         return descs[0]
+
+    def add_chain_at(self, buffers: Sequence[tuple[int, int, bool]]) -> int:
+        """Post a chain of buffers the caller placed, each ``(gpa, length, writable)``
+        (readable ones first), e.g. one across the boundary of two adjacent
+        regions; returns its head.  The memory stays the caller's: `reap`
+        frees none of it and reports nothing written (read it with ``mem.read``)."""
+        if len(buffers) > len(self.free_desc):
+            raise MemoryError(f"no free descriptors: need {len(buffers)}, {len(self.free_desc)} free")
+        descs = self._link(buffers)
+        self.chains[descs[0]] = (descs, [], None)
+        self.publish(descs[0])
+        return descs[0]
+
+    def _link(self, bufs: Sequence[tuple[int, int, bool]]) -> list[int]:
+        """Free descriptors for ``bufs``, written and chained; returns them, head first."""
+        descs = [self.free_desc.pop() for _ in bufs]
+        for j, ((addr, n, w), i) in enumerate(zip(bufs, descs)):
+            last = j + 1 == len(bufs)
+            flags = (VIRTQ_DESC_F_WRITE if w else 0) | (0 if last else VIRTQ_DESC_F_NEXT)
+            self.write_desc(i, addr, n, flags, 0 if last else descs[j + 1])
+        return descs
 
     def reap(self) -> list[Used]:
         """Every new used entry, with what the device wrote; frees their buffers."""

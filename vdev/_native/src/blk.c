@@ -167,61 +167,33 @@ static void req_reset(struct blk_req *r)
     memset(r, 0, offsetof(struct blk_req, iov_inline));
 }
 
-/* iovecs for bytes [skip, skip+len) of a buffer list (regions split). */
+/* iovecs for bytes [skip, skip+len) of a buffer list (regions split): in
+ * r->iov_inline, or in an array grown fourfold each time that is full. */
 static int build_iov(struct vd_engine *e, struct blk_req *r, const struct vd_buf *bufs, uint32_t n,
                      uint64_t skip, uint64_t len)
 {
-    const struct vd_mem *m = e->vr.mem;
-    int cap = INLINE_IOV, cnt = 0;
+    struct vd_bufs_walk w = { bufs, n, skip, len };
     struct iovec *iov = r->iov_inline;
-    for (uint32_t i = 0; i < n && len > 0; i++) {
-        uint64_t gpa = bufs[i].gpa, blen = bufs[i].len;
-        if (skip >= blen) {
-            skip -= blen;
-            continue;
-        }
-        gpa += skip;
-        blen -= skip;
-        skip = 0;
-        if (blen > len)
-            blen = len;
-        while (blen > 0) {
-            uint8_t *h;
-            uint64_t piece;
-            if (bufs[i].host != NULL) {
-                /* In one region: pop translated it already. */
-                h = bufs[i].host + (gpa - bufs[i].gpa);
-                piece = blen;
-            } else {
-                /* Bounds-checked at pop, crossing regions: split at their ends. */
-                piece = vd_mem_span(m, gpa, &h);
-                if (piece == 0)
-                    return -1;
-                if (piece > blen)
-                    piece = blen;
-            }
-            if (cnt == cap) {
-                int ncap = cap * 4;
-                struct iovec *bigger = malloc(sizeof *bigger * (size_t)ncap);
-                if (bigger == NULL)
-                    return -1;
-                memcpy(bigger, iov, sizeof *iov * (size_t)cnt);
-                free(r->iov_alloc);
-                r->iov_alloc = bigger;
-                iov = bigger;
-                cap = ncap;
-            }
-            iov[cnt].iov_base = h;
-            iov[cnt].iov_len = piece;
-            cnt++;
-            gpa += piece;
-            blen -= piece;
-            len -= piece;
-        }
+    uint32_t cap = INLINE_IOV, cnt = 0;
+    int got;
+    while ((got = vd_bufs_iov(e->vr.mem, &w, iov + cnt, cap - cnt, NULL)) == VD_IOV_FULL) {
+        /* All `cap` entries are filled: move them to a bigger array, map the rest after. */
+        uint32_t ncap = cap * 4;
+        struct iovec *bigger = malloc(sizeof *bigger * (size_t)ncap);
+        if (bigger == NULL)
+            return -1;
+        memcpy(bigger, iov, sizeof *iov * (size_t)cap);
+        free(r->iov_alloc);
+        r->iov_alloc = bigger;
+        iov = bigger;
+        cnt = cap;
+        cap = ncap;
     }
+    if (got < 0)
+        return -1;
     r->iov = iov;
-    r->niov = cnt;
-    return cnt;
+    r->niov = (int)(cnt + (uint32_t)got);
+    return r->niov;
 }
 
 static uint8_t *status_byte(struct vd_engine *e, const struct vd_chain *c)

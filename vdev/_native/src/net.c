@@ -174,44 +174,6 @@ static bool rx_gso_ok(uint64_t features, uint8_t gso_type)
 
 /* ---- scatter lists ---------------------------------------------------------------------- */
 
-/* Host iovecs for bytes [skip, skip+len) of a buffer list; split at region
- * ends.  Returns the count, or -1 if they do not fit in `cap` (or a buffer
- * left guest memory, which pop already excluded). */
-static int bufs_to_iov(const struct vd_mem *m, const struct vd_buf *bufs, uint32_t n, uint64_t skip,
-                       uint64_t len, struct iovec *iov, uint32_t cap, uint64_t *gpas)
-{
-    uint32_t cnt = 0;
-    for (uint32_t i = 0; i < n && len > 0; i++) {
-        uint64_t gpa = bufs[i].gpa, blen = bufs[i].len;
-        if (skip >= blen) {
-            skip -= blen;
-            continue;
-        }
-        gpa += skip;
-        blen -= skip;
-        skip = 0;
-        if (blen > len)
-            blen = len;
-        while (blen > 0) {
-            uint8_t *h;
-            uint64_t piece = vd_mem_span(m, gpa, &h);
-            if (piece == 0 || cnt == cap)
-                return -1;
-            if (piece > blen)
-                piece = blen;
-            iov[cnt].iov_base = h;
-            iov[cnt].iov_len = piece;
-            if (gpas != NULL)
-                gpas[cnt] = gpa;    /* for the dirty log */
-            cnt++;
-            gpa += piece;
-            blen -= piece;
-            len -= piece;
-        }
-    }
-    return (int)cnt;
-}
-
 /* A cursor over an iovec array. */
 struct cursor {
     const struct iovec *iov;
@@ -415,10 +377,12 @@ static int rx_deliver(struct vd_net_port *dst, const struct vd_net_hdr *h, const
             return RX_DOWN;
         }
         int got = -1;
-        if (rc > 0 && r->chain.nwrite > 0 && r->chain.write_len > 0)
-            got = bufs_to_iov(r->vr.mem, r->chain.bufs + r->chain.nread, r->chain.nwrite, 0,
-                              r->chain.write_len, r->iov + niov, r->iov_cap - niov,
+        if (rc > 0 && r->chain.nwrite > 0 && r->chain.write_len > 0) {
+            struct vd_bufs_walk walk = { r->chain.bufs + r->chain.nread, r->chain.nwrite, 0,
+                                         r->chain.write_len };
+            got = vd_bufs_iov(r->vr.mem, &walk, r->iov + niov, r->iov_cap - niov,
                               r->vr.log != NULL ? r->iov_gpa + niov : NULL);
+        }
         if (got < 0) {
             if (rc > 0 && r->chain.nwrite > 0 && niov > 0) {
                 /* Out of iovec room for this frame: it cannot be placed. */
@@ -569,8 +533,9 @@ static int tx_one(struct vd_net_port *p, struct vd_net_ring *t, struct vd_chain 
             return TX_DONE;
         }
     }
-    int n = bufs_to_iov(t->vr.mem, c->bufs, c->nread, hlen, frame, p->txiov + 1, p->txiov_cap - 1, NULL);
-    if (n < 0) {
+    struct vd_bufs_walk walk = { c->bufs, c->nread, hlen, frame };
+    int n = vd_bufs_iov(t->vr.mem, &walk, p->txiov + 1, p->txiov_cap - 1, NULL);
+    if (n < 0) {        /* more pieces than txiov holds (or memory pop excluded) */
         drop(t, &t->stats.too_big);
         return TX_DONE;
     }

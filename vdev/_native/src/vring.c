@@ -527,5 +527,62 @@ uint64_t vd_bufs_copy_in(const struct vd_mem *m, const struct vd_buf *bufs, uint
     return copy_bufs(m, bufs, n, skip, (uint8_t *)src, len, true);
 }
 
+int vd_bufs_iov(const struct vd_mem *m, struct vd_bufs_walk *w, struct iovec *iov, uint32_t cap,
+                uint64_t *gpas)
+{
+    const struct vd_buf *b = w->bufs;
+    uint32_t n = w->n, cnt = 0;
+    uint64_t skip = w->skip, len = w->len;
+    for (; n > 0 && len > 0; b++, n--) {
+        uint64_t blen = b->len;
+        if (skip >= blen) {
+            skip -= blen;
+            continue;
+        }
+        uint64_t gpa = b->gpa + skip;
+        blen -= skip;
+        skip = 0;
+        if (blen > len)
+            blen = len;
+        while (blen > 0) {
+            if (cnt == cap) {
+                /* Out of room: stop inside this buffer, where a next call resumes. */
+                w->bufs = b;
+                w->n = n;
+                w->skip = gpa - b->gpa;
+                w->len = len;
+                return VD_IOV_FULL;
+            }
+            uint8_t *h;
+            uint64_t piece;
+            if (b->host != NULL) {
+                /* In one region: pop translated it already. */
+                h = b->host + (gpa - b->gpa);
+                piece = blen;
+            } else {
+                /* Bounds-checked at pop, crossing regions: split at their ends. */
+                piece = vd_mem_span(m, gpa, &h);
+                if (piece == 0)
+                    return -1;
+                if (piece > blen)
+                    piece = blen;
+            }
+            iov[cnt].iov_base = h;
+            iov[cnt].iov_len = piece;
+            if (gpas != NULL)
+                gpas[cnt] = gpa;
+            cnt++;
+            gpa += piece;
+            blen -= piece;
+            len -= piece;
+        }
+    }
+    w->bufs = b;
+    w->n = n;
+    w->skip = skip;
+    w->len = len;
+    return (int)cnt;
+}
+
 void vd_store_u16(void *p, uint16_t v) { STORE16(p, v, __ATOMIC_RELEASE); }
 uint16_t vd_load_u16(const void *p) { return LOAD16(p, __ATOMIC_ACQUIRE); }

@@ -28,6 +28,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/uio.h>
 
 #define VD_MAX_REGIONS 512
 
@@ -220,6 +221,30 @@ uint64_t vd_bufs_copy_out(const struct vd_mem *m, const struct vd_buf *bufs, uin
                           uint64_t skip, void *dst, uint64_t len);
 uint64_t vd_bufs_copy_in(const struct vd_mem *m, const struct vd_buf *bufs, uint32_t n,
                          uint64_t skip, const void *src, uint64_t len);
+
+/* A walk over bytes [skip, skip+len) of a buffer list, for vd_bufs_iov: the
+ * buffers left (`bufs`, `n`), the bytes of bufs[0] already passed (`skip`)
+ * and the bytes still to map (`len`). */
+struct vd_bufs_walk {
+    const struct vd_buf *bufs;
+    uint32_t n;
+    uint64_t skip;
+    uint64_t len;
+};
+
+#define VD_IOV_FULL (-2)
+
+/* Host iovecs for the next bytes of a walk, one per buffer that pop found in
+ * one region (its `host`, no lookup), else one per region the buffer crosses.
+ * Fills at most `cap` entries of `iov`, and of `gpas` (the guest address of
+ * each piece, for the dirty log) unless it is NULL; `w` is advanced past what
+ * was mapped.  Returns the entries filled when the walk ends (len mapped, or
+ * the buffers ran out: w->len says what is left); VD_IOV_FULL when all `cap`
+ * entries are filled and more bytes remain (a caller may grow its array and
+ * call again with the rest); -1 if a buffer is not guest memory (which pop
+ * excluded for the table it used).  No allocation, one pass. */
+int vd_bufs_iov(const struct vd_mem *m, struct vd_bufs_walk *w, struct iovec *iov, uint32_t cap,
+                uint64_t *gpas);
 
 /* Driver-side stores for tests (one store of the width, release). */
 void vd_store_u16(void *p, uint16_t v);
