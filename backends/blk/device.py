@@ -487,6 +487,10 @@ class BlkDevice(Device):
             return
         status[0] = code
         vq.complete(chain, written + 1, t_pop)
+        # Answered: no longer in flight, now rather than when the loop runs the
+        # task's done callback, by which time the driver may have seen the entry
+        # and asked `info`.
+        self._inflight.get(vq.index, set()).discard(asyncio.current_task())
 
     async def _execute(self, req: BlkRequest) -> int:
         storage = self.storage
