@@ -181,7 +181,10 @@ class Pinger(threading.Thread):
 
     def stop(self) -> None:
         self.stopping.set()
-        self.join(10)
+        if self.is_alive():
+            self.join(10)
+        else:
+            self.sock.close()         # never started (run() closes it otherwise)
 
 
 @dataclass(frozen=True)
@@ -238,7 +241,8 @@ class Capture(threading.Thread):
 
     def stop(self) -> None:
         self.stopping.set()
-        self.join(10)
+        if self.is_alive():
+            self.join(10)
         for s in self.socks:
             s.close()
 
@@ -308,10 +312,8 @@ async def test_migrate_guest_on_vdev_net_while_pinging(guest_image: GuestImage, 
         await dst.send_console("stop\n")
         result = await dst.wait_result(src, timeout=120)
     finally:
-        if pinger.is_alive():
-            pinger.stop()
-        if capture.is_alive():
-            capture.stop()
+        pinger.stop()
+        capture.stop()
         await src.close()
         await dst.close()
     out = result.output
