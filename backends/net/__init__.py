@@ -94,8 +94,9 @@ class NetCommand(DeviceCommand):
         g.add_argument("--queue-size", default="256", metavar="N",
                        help="largest queue size (power of 2, default 256)")
         g.add_argument("--poll-us", default="0", metavar="N",
-                       help="busy-poll each transmit ring for up to N microseconds after its last frame "
-                            "before sleeping on the kick eventfd (default 0: never)")
+                       help="busy-poll each transmit ring after its last frame before sleeping on the "
+                            "kick eventfd, for an adaptive window of at most N microseconds (default 0: "
+                            "never)")
         g.add_argument("--control", metavar="PATH",
                        help="JSON control socket: info (per-queue counters), latency")
 

@@ -46,7 +46,7 @@ from vdev.uapi.virtio import DeviceId, VirtioFeature
 from vhost_user.messages import ProtocolFeature
 
 from .cable import CableEnd
-from .native import NET_COUNTERS, RX, TX, NativePort, NetConfigC, NetQueueEngine
+from .native import NET_COUNTERS, NET_GAUGES, RX, TX, NativePort, NetConfigC, NetQueueEngine
 from .tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO, Tap
 
 log = logging.getLogger("backends.net")
@@ -380,7 +380,7 @@ class NetDevice(Device):
 
     def engine_retired(self, index: int, engine: NativeEngine) -> None:
         self._retired.setdefault(index, Counter()).update(
-            {k: v for k, v in engine.stats().items() if k not in ("last_errno", "broken")})
+            {k: v for k, v in engine.stats().items() if k not in NET_GAUGES})
         self._retired_hist[index] = self._retired_hist.get(index, LatencyHistogram.empty()) + engine.histogram()
 
     def _pair_enabled(self, which: int, pair: int, enabled: bool) -> None:
@@ -465,9 +465,9 @@ class NetDevice(Device):
                     live = engine.stats()
                 except EngineClosed:     # stopped meanwhile (another thread's read)
                     live = {}
-                total.update({k: v for k, v in live.items() if k not in ("last_errno", "broken")})
-                total["last_errno"] = live.get("last_errno", 0)
-                total["broken"] = live.get("broken", 0)
+                total.update({k: v for k, v in live.items() if k not in NET_GAUGES})
+                for name in NET_GAUGES:
+                    total[name] = live.get(name, 0)
             out[index] = {name: int(total.get(name, 0)) for name in NET_COUNTERS}
         return out
 
@@ -487,7 +487,7 @@ class NetDevice(Device):
             rx = index % 2 == RX
             counters = {name: q.get(name, 0) for name in ENGINE_COUNTERS}
             counters.update(requests=q["frames"], bytes_read=q["bytes"] if rx else 0,
-                            bytes_written=0 if rx else q["bytes"], errors=q["dropped"], polled=0,
+                            bytes_written=0 if rx else q["bytes"], errors=q["dropped"], polled=q["polled"],
                             inflight=0)
             out[index] = QueueSnapshot(counters, (0,) * TYPE_SLOTS, hist, native=True)
         return out

@@ -27,7 +27,7 @@ from vdev.histogram import LatencyHistogram
 from vdev.native import NativeMemory, ring_error
 from vdev.tracking import DirtyLog
 
-__all__ = ["NET_COUNTERS", "RX", "TX", "NativePort", "NetConfigC", "NetQueueEngine"]
+__all__ = ["NET_COUNTERS", "NET_GAUGES", "RX", "TX", "NativePort", "NetConfigC", "NetQueueEngine"]
 
 RX = 0
 TX = 1
@@ -36,7 +36,10 @@ TX = 1
 NET_COUNTERS = ("frames", "bytes", "buffers", "dropped", "bad_header", "too_short", "too_big",
                 "no_buffer", "no_buffer_drops", "offload_drops", "link_errors", "link_down_drops",
                 "disabled_drops", "bad_chains", "kicks", "wakeups", "calls", "calls_suppressed",
-                "batches", "last_errno", "broken")
+                "batches", "polled", "poll_ns", "last_errno", "broken")
+#: Those of them that say how things are now rather than count: a stopped
+#: ring's are not added to a restarted one's.
+NET_GAUGES = ("poll_ns", "last_errno", "broken")
 
 
 class NetConfigC:

@@ -15,7 +15,7 @@ except ImportError as exc:   # pragma: no cover - a broken install, named plainl
         "vdev's native data plane is not built: reinstall with `pip install -e .` "
         f"(needs gcc, python3-dev and liburing-dev) ({exc})") from exc
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 if lib.vd_abi_version() != ABI_VERSION:   # pragma: no cover
     raise ImportError(f"vdev._native was built for ABI {lib.vd_abi_version()}, "
                       f"this vdev needs {ABI_VERSION}: reinstall with `pip install -e .`")

@@ -1,3 +1,3 @@
 #include "abi.h"
 
-int vd_abi_version(void) { return 2; }
+int vd_abi_version(void) { return 3; }

@@ -1,4 +1,5 @@
 #include "engine.h"
+#include "pollwin.h"
 
 #include <errno.h>
 #include <poll.h>
@@ -15,8 +16,6 @@
  * bounds the latency a long burst adds to its first requests. */
 #define BATCH_MAX 64
 #define NO_CHANGE (-2)
-/* The first adaptive polling window (QEMU starts at 4 us too). */
-#define POLL_START_NS 4000u
 
 uint64_t vd_now_ns(void)
 {
@@ -248,34 +247,10 @@ static int take_requests(struct vd_engine *e)
     return want;
 }
 
-/* Adaptive polling, after QEMU's AioContext (util/aio-posix.c): --poll-us is
- * the ceiling and poll_ns the window actually polled.  `idle_ns` is how long
- * the worker waited, polling then sleeping, for the request it just took.
- * Found within the window: the window is right.  Longer than the ceiling:
- * polling would not have caught it, so halve the window (QEMU drops it to
- * 0; halving lets one late request cost one short window, not a regrowth
- * through five sleeps).  In between: a longer window would have caught it,
- * so double it, from 4 us, up to the ceiling.  A queue whose requests come
- * further apart than the ceiling thus stops polling, and one served at
- * steady depth polls just long enough. */
 static void adapt_poll(struct vd_engine *e, uint64_t idle_ns, uint64_t max_ns)
 {
-    uint64_t w = e->poll_ns;
-    if (w > max_ns)
-        w = max_ns;                         /* the ceiling was lowered */
-    if (idle_ns <= w) {
-        /* caught by polling */
-    } else if (idle_ns > max_ns) {
-        w /= 2;
-        if (w < POLL_START_NS)
-            w = 0;
-    } else {
-        w = w ? w * 2 : POLL_START_NS;
-        if (w > max_ns)
-            w = max_ns;
-    }
-    e->poll_ns = w;
-    RELAXED_STORE(&e->stats.poll_ns, w);
+    e->poll_ns = vd_poll_adapt(e->poll_ns, idle_ns, max_ns);
+    RELAXED_STORE(&e->stats.poll_ns, e->poll_ns);
 }
 
 static void *worker(void *arg)

@@ -1,4 +1,5 @@
 #include "net.h"
+#include "pollwin.h"
 
 #include <errno.h>
 #include <poll.h>
@@ -54,7 +55,9 @@ struct vd_net_port {
     int rx_dry;                 /* this batch: the peer's receive ring was empty (1), not (0), unknown (-1) */
     bool blocked_out;           /* the link socket is full: wait for POLLOUT */
     bool link_dead;             /* the fd said EOF or EBADFD: stop polling it */
-    uint32_t poll_us;           /* busy-poll the transmit ring this long before sleeping */
+    uint32_t poll_us;           /* ceiling of the transmit ring's busy-polling window */
+    uint64_t poll_ns;           /* the adaptive window (pollwin.h) */
+    uint64_t idle_since;        /* ns: the transmit ring was last found empty; 0: busy */
     struct iovec *txiov;
     uint32_t txiov_cap;
 };
@@ -787,29 +790,53 @@ static bool ring_live(struct vd_net_ring *r)
     return RELAXED_LOAD(&r->started) && RELAXED_LOAD(&r->running);
 }
 
-/* Busy-poll the transmit ring for up to poll_us with kicks still
- * suppressed (as QEMU's iothread poll-max-ns and DPDK's polling cores do):
- * a frame arriving meanwhile is taken without a kick or a wake-up.  True
- * when one arrived (or Python wants the worker). */
-static bool poll_tx(struct vd_net_port *p)
+/* The transmit ring's idle clock for the adaptive window (pollwin.h): `sent`
+ * frames were just taken from it.  Receive work does not count: polling
+ * looks at the transmit ring only. */
+static void tx_idle_clock(struct vd_net_port *p, int sent)
 {
     uint32_t us = RELAXED_LOAD(&p->poll_us);
+    if (sent > 0) {
+        if (p->idle_since != 0 && us > 0) {
+            struct vd_net_ring *t = &p->ring[VD_NET_TX];
+            p->poll_ns = vd_poll_adapt(p->poll_ns, now_ns() - p->idle_since, (uint64_t)us * 1000u);
+            pthread_mutex_lock(&t->lock);
+            RELAXED_STORE(&t->stats.poll_ns, p->poll_ns);
+            pthread_mutex_unlock(&t->lock);
+        }
+        p->idle_since = 0;
+    } else if (us > 0 && p->idle_since == 0) {
+        p->idle_since = now_ns();
+    }
+}
+
+/* Busy-poll the transmit ring with kicks still suppressed (as QEMU's
+ * iothread poll-max-ns and DPDK's polling cores do), until the adaptive
+ * window opened when the ring was last found empty closes: a frame
+ * arriving meanwhile is taken without a kick or a wake-up.  True when one
+ * arrived (or Python wants the worker). */
+static bool poll_tx(struct vd_net_port *p)
+{
+    uint64_t max = (uint64_t)RELAXED_LOAD(&p->poll_us) * 1000u;
+    uint64_t window = p->poll_ns < max ? p->poll_ns : max;
     struct vd_net_ring *t = &p->ring[VD_NET_TX];
-    if (us == 0 || p->blocked_out || (p->wait_since && !p->dropping))
+    if (window == 0 || p->idle_since == 0 || p->blocked_out || (p->wait_since && !p->dropping))
         return false;
-    uint64_t deadline = now_ns() + (uint64_t)us * 1000u;
-    do {
+    uint64_t deadline = p->idle_since + window;
+    while (now_ns() < deadline) {
         for (int i = 0; i < 64; i++) {
             if (RELAXED_LOAD(&p->req_gen) != p->ack_gen)
                 return true;
             pthread_mutex_lock(&t->lock);
             int n = t->started && t->running && !t->vr.broken ? vd_vring_pending(&t->vr) : 0;
+            if (n > 0)
+                stat_add(&t->stats.polled, 1);
             pthread_mutex_unlock(&t->lock);
             if (n != 0)
                 return true;
             __builtin_ia32_pause();
         }
-    } while (now_ns() < deadline);
+    }
     return false;
 }
 
@@ -818,8 +845,9 @@ static void *worker(void *arg)
     struct vd_net_port *p = arg;
     struct vd_net_ring *tx = &p->ring[VD_NET_TX], *rx = &p->ring[VD_NET_RX];
     while (take_control(p)) {
-        int work = do_tx(p);
-        work += do_rx_fd(p);
+        int sent = do_tx(p);
+        tx_idle_clock(p, sent);
+        int work = sent + do_rx_fd(p);
         if (work > 0 || poll_tx(p))
             continue;
 

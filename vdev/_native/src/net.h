@@ -146,6 +146,8 @@ struct vd_net_stats {
     uint64_t calls;             /* call eventfd writes */
     uint64_t calls_suppressed;  /* batches the driver wanted no interrupt for */
     uint64_t batches;           /* batches published */
+    uint64_t polled;            /* tx: batches found by busy-polling, not a kick */
+    uint64_t poll_ns;           /* tx: the adaptive polling window now (a gauge) */
     uint64_t last_errno;        /* errno of the last link error */
     uint64_t broken;            /* 0, or the ring error that broke the queue */
 };
@@ -176,7 +178,8 @@ struct vd_net_ring {
 struct vd_net_port *vd_net_port_new(struct vd_net_cfg *cfg, uint16_t pair);
 /* Stop the worker, unlink any peer, free everything (rings must be stopped). */
 void vd_net_port_free(struct vd_net_port *p);
-/* Busy-poll the transmit ring up to poll_us after the last frame (0: sleep at once). */
+/* Busy-poll the transmit ring after the last frame, for an adaptive window of
+ * at most poll_us (pollwin.h; 0: sleep at once). */
 void vd_net_port_set_poll(struct vd_net_port *p, uint32_t poll_us);
 /* The link.  fd (owned by the port from now on; -1: none) for VD_NET_LINK_FD. */
 void vd_net_port_set_fd(struct vd_net_port *p, int fd);
