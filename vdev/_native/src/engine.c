@@ -1,5 +1,4 @@
 #include "engine.h"
-#include "pollwin.h"
 
 #include <errno.h>
 #include <poll.h>
@@ -247,12 +246,6 @@ static int take_requests(struct vd_engine *e)
     return want;
 }
 
-static void adapt_poll(struct vd_engine *e, uint64_t idle_ns, uint64_t max_ns)
-{
-    e->poll_ns = vd_poll_adapt(e->poll_ns, idle_ns, max_ns);
-    RELAXED_STORE(&e->stats.poll_ns, e->poll_ns);
-}
-
 static void *worker(void *arg)
 {
     struct vd_engine *e = arg;
@@ -309,25 +302,16 @@ static void *worker(void *arg)
             e->ops->handle_parked(e);
         flush(e);
         settle_kick(e);
-        uint32_t poll_us = RELAXED_LOAD(&e->poll_us);
-        if (taken > 0) {
-            if (e->idle_since != 0) {
-                if (poll_us > 0)
-                    adapt_poll(e, vd_now_ns() - e->idle_since, (uint64_t)poll_us * 1000u);
-                e->idle_since = 0;
-            }
+        uint64_t poll_max = (uint64_t)RELAXED_LOAD(&e->poll_us) * 1000u;
+        if (vd_pollwin_note(&e->poll, taken, poll_max))
+            RELAXED_STORE(&e->stats.poll_ns, e->poll.ns);
+        if (taken > 0)
             continue;
-        }
-        if (poll_us > 0 && e->idle_since == 0)
-            e->idle_since = vd_now_ns();
 
-        uint64_t window = e->poll_ns;
-        if (window > (uint64_t)poll_us * 1000u)
-            window = (uint64_t)poll_us * 1000u;     /* the ceiling was lowered */
-        if (window > 0) {
+        uint64_t deadline = vd_pollwin_deadline(&e->poll, poll_max);
+        if (deadline != 0) {
             /* Busy-poll with kicks still suppressed: a request arriving now is
              * taken without a kick or a wake-up. */
-            uint64_t deadline = e->idle_since + window;
             bool found = false;
             while (vd_now_ns() < deadline && RELAXED_LOAD(&e->want) == VD_WANT_RUN) {
                 if (vd_vring_pending(&e->vr) != 0) {

@@ -35,6 +35,7 @@
 #include <stdint.h>
 
 #include "hist.h"
+#include "pollwin.h"
 #include "vring.h"
 
 #define VD_STAT_TYPES 8
@@ -91,8 +92,7 @@ struct vd_engine {
     int new_kick_fd;        /* -2: no change pending */
     int new_call_fd;
     uint32_t poll_us;       /* polling ceiling, set by Python */
-    uint64_t poll_ns;       /* worker-owned: the adaptive window, <= poll_us */
-    uint64_t idle_since;    /* worker-owned: when the ring was last found empty, 0: busy */
+    struct vd_pollwin poll; /* worker-owned: the adaptive window, <= poll_us */
 
     pthread_t thread;
     bool thread_started;

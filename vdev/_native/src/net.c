@@ -56,8 +56,7 @@ struct vd_net_port {
     bool blocked_out;           /* the link socket is full: wait for POLLOUT */
     bool link_dead;             /* the fd said EOF or EBADFD: stop polling it */
     uint32_t poll_us;           /* ceiling of the transmit ring's busy-polling window */
-    uint64_t poll_ns;           /* the adaptive window (pollwin.h) */
-    uint64_t idle_since;        /* ns: the transmit ring was last found empty; 0: busy */
+    struct vd_pollwin poll;     /* the transmit ring's adaptive window (pollwin.h) */
     struct iovec *txiov;
     uint32_t txiov_cap;
 };
@@ -795,18 +794,11 @@ static bool ring_live(struct vd_net_ring *r)
  * looks at the transmit ring only. */
 static void tx_idle_clock(struct vd_net_port *p, int sent)
 {
-    uint32_t us = RELAXED_LOAD(&p->poll_us);
-    if (sent > 0) {
-        if (p->idle_since != 0 && us > 0) {
-            struct vd_net_ring *t = &p->ring[VD_NET_TX];
-            p->poll_ns = vd_poll_adapt(p->poll_ns, now_ns() - p->idle_since, (uint64_t)us * 1000u);
-            pthread_mutex_lock(&t->lock);
-            RELAXED_STORE(&t->stats.poll_ns, p->poll_ns);
-            pthread_mutex_unlock(&t->lock);
-        }
-        p->idle_since = 0;
-    } else if (us > 0 && p->idle_since == 0) {
-        p->idle_since = now_ns();
+    if (vd_pollwin_note(&p->poll, sent, (uint64_t)RELAXED_LOAD(&p->poll_us) * 1000u)) {
+        struct vd_net_ring *t = &p->ring[VD_NET_TX];
+        pthread_mutex_lock(&t->lock);
+        RELAXED_STORE(&t->stats.poll_ns, p->poll.ns);
+        pthread_mutex_unlock(&t->lock);
     }
 }
 
@@ -817,12 +809,10 @@ static void tx_idle_clock(struct vd_net_port *p, int sent)
  * arrived (or Python wants the worker). */
 static bool poll_tx(struct vd_net_port *p)
 {
-    uint64_t max = (uint64_t)RELAXED_LOAD(&p->poll_us) * 1000u;
-    uint64_t window = p->poll_ns < max ? p->poll_ns : max;
+    uint64_t deadline = vd_pollwin_deadline(&p->poll, (uint64_t)RELAXED_LOAD(&p->poll_us) * 1000u);
     struct vd_net_ring *t = &p->ring[VD_NET_TX];
-    if (window == 0 || p->idle_since == 0 || p->blocked_out || (p->wait_since && !p->dropping))
+    if (deadline == 0 || p->blocked_out || (p->wait_since && !p->dropping))
         return false;
-    uint64_t deadline = p->idle_since + window;
     while (now_ns() < deadline) {
         for (int i = 0; i < 64; i++) {
             if (RELAXED_LOAD(&p->req_gen) != p->ack_gen)
